@@ -1,0 +1,115 @@
+"""``bluelm-v``: inspect what is installed; ``bluelm-v run`` forwards to the launcher.
+
+    bluelm-v plugins [--json] [--family tiler] [PATTERN]   registered components and providers
+    bluelm-v describe tiler relaxed                         parameters with defaults
+    bluelm-v jobs                                           experiments and their purpose
+    bluelm-v run +experiment=ablate_tiling [overrides]      same as python -m bluelm_v.launch
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+
+
+def list_jobs() -> list[dict]:
+    """The experiments in conf/experiment with their job and one-line description."""
+    import yaml  # comes with omegaconf
+
+    out = []
+    root = resources.files("bluelm_v.conf") / "experiment"
+    for item in sorted(root.iterdir(), key=lambda p: p.name):
+        if not item.name.endswith(".yaml"):
+            continue
+        data = yaml.safe_load(item.read_text()) or {}
+        job = (data.get("job") or {}).get("name") if isinstance(data.get("job"), dict) else None
+        if job is None:
+            for d in data.get("defaults", []) or []:
+                if isinstance(d, dict):
+                    for k, v in d.items():
+                        if k.strip("/").endswith("job") or k == "override /job":
+                            job = v
+        out.append({"experiment": item.name[:-5], "job": job or "?", "description": data.get("description", "")})
+    return out
+
+
+def _plugins(args) -> int:
+    from . import plugin_manager as plugins
+
+    _, registry, report = plugins.get()
+    rows = [r for r in registry.rows() if (not args.family or r["family"] == args.family)]
+    if args.pattern:
+        import fnmatch
+        rows = [r for r in rows if fnmatch.fnmatchcase(r["name"], args.pattern)]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        width = max([len(r["name"]) for r in rows] + [4])
+        cur = None
+        for r in rows:
+            if r["family"] != cur:
+                cur = r["family"]
+                print(f"\n{cur}:")
+            print(f"  {r['name']:<{width}}  {r['provider']:<14}  {r['description']}")
+        for name, dist, err in report.failed:
+            print(f"\nwarning: plugin '{name}' from {dist} failed to import: {err}", file=sys.stderr)
+    return 0
+
+
+def _describe(args) -> int:
+    from . import plugin_manager as plugins
+
+    _, registry, _ = plugins.get()
+    print(json.dumps(registry[args.family].describe(args.name), indent=2, default=str))
+    return 0
+
+
+def _jobs(args) -> int:
+    rows = list_jobs()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no experiments found in bluelm_v.conf/experiment")
+        return 1
+    width = max(len(r["experiment"]) for r in rows)
+    for r in rows:
+        print(f"  +experiment={r['experiment']:<{width}}  job={r['job']:<14} {r['description']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":
+        from . import launch
+        sys.argv = ["bluelm_v.launch", *argv[1:]]
+        launch.main()
+        return 0
+    parser = argparse.ArgumentParser(prog="bluelm-v", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plugins", help="list registered components, by family, with their provider")
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern on the component name, e.g. 'l*'")
+    p.add_argument("--family", help="only this family (tiler, encoder, ...)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {family, name, provider, description, ...}")
+    p.set_defaults(func=_plugins)
+    p = sub.add_parser("describe", help="parameters and provenance of one component")
+    p.add_argument("family")
+    p.add_argument("name")
+    p.set_defaults(func=_describe)
+    p = sub.add_parser("jobs", help="experiments (+experiment=NAME) with their job and purpose")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_jobs)
+    sub.add_parser("run", help="run an experiment: bluelm-v run +experiment=NAME [overrides]")
+    args = parser.parse_args(argv)
+    from .errors import BlueLMVError
+    try:
+        return args.func(args)
+    except BlueLMVError as exc:
+        print(f"bluelm-v: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
