@@ -17,11 +17,28 @@ GROUP_OPTIONS = sorted((f, p.name[:-5]) for f in FAMILIES for p in (CONF / f).it
 NOT_BUILT = {("encoder", "so400m"), ("llm", "bluelm_3b_proxy"), ("llm", "smollm2_135m"), ("backend", "adb")}
 
 
+def user_inputs(experiment, tmp_path):
+    """Experiments that need the user's own data files: (overrides naming them, key that
+    must be reported when they are missing)."""
+    if experiment == "train":
+        data = tmp_path / "llava.json"
+        data.write_text("[]")
+        return [f"train.data.stage{n}.{k}={data if k == 'json' else tmp_path}"
+                for n in (1, 2) for k in ("json", "image_root")], "train.data.stage1.json"
+    return [], None
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_validates(compose, experiment):
-    cfg = compose([f"+experiment={experiment}"])
-    assert cfg.job.name and cfg.description
+def test_experiment_composes_and_validates(compose, experiment, tmp_path):
+    from bluelm_v.errors import ConfigError
+
+    overrides, required_key = user_inputs(experiment, tmp_path)
     _, registry, _ = get()
+    if required_key:  # without the user's data it fails before work, naming the key
+        with pytest.raises(ConfigError, match=required_key):
+            validate(compose([f"+experiment={experiment}"]), registry)
+    cfg = compose([f"+experiment={experiment}", *overrides])
+    assert cfg.job.name and cfg.description
     validate(cfg, registry)
 
 
