@@ -1,0 +1,127 @@
+"""Image-size manifests: CSV files with ``width,height`` columns, and the embedded default.
+
+    from bluelm_v.data.manifest import read_size_manifest, split_bad_sizes
+    table = read_size_manifest()              # the embedded COCO train2017 sizes (118,287 rows)
+    table = read_size_manifest("sizes.csv")   # any CSV (or .csv.gz) with width,height columns
+    good, skipped = split_bad_sizes(table)    # zero/negative/huge sizes -> skipped, with a reason
+
+A manifest may carry more columns (``image``, ``source``, ``id``, ...): they are kept as text.
+A malformed manifest (no header, a missing column, a non-integer size, a bad row) fails at once
+with an InputError naming the file and the line; a well-formed but impossible size (0, -5) is
+not malformed: it is returned and then skipped under a reason by :func:`split_bad_sizes`.
+The ``line`` column is the 1-based line of the file each row came from (the header is line 1).
+
+Embedded data, ``coco2017_train_image_sizes.csv.gz`` (provenance, from its README):
+
+    Width and height (pixels) of all 118,287 images of COCO train2017, one image a row, no ids.
+    COCO train2017 is the image source of 364,100 of the ~624,610 image samples of the
+    LLaVA-1.5 665k instruction mix, so this is real data for the tiling ablation. Derived from
+    the COCO 2017 annotations (COCO terms: annotations CC BY 4.0), as redistributed in
+    Ultralytics' coco2017labels. Row order carries no meaning; the mapping to image ids is not
+    included.
+
+    Counts of the LLaVA-1.5 665k mix by image folder (from the LLaVA maintainers' published
+    counts): coco 364,100 · vg 86,417 · ocr_vqa 80,000 · gqa 72,140 · textvqa 21,953 ·
+    text-only 40,688.
+
+The file here is the shared CSV gzipped (``gzip -9 -n``); its uncompressed SHA-256 is
+c2fd057945f6a4fc12dbbca995462574f57d09ae0cdc50a4ba99cde7bd102cd4.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from importlib import resources
+from pathlib import Path
+
+from ..errors import InputError
+
+COCO_TRAIN2017_FILE = "coco2017_train_image_sizes.csv.gz"
+COCO_TRAIN2017_IMAGES = 118_287
+LLAVA665K_BY_SOURCE = {"coco": 364_100, "vg": 86_417, "ocr_vqa": 80_000, "gqa": 72_140,
+                       "textvqa": 21_953, "text-only": 40_688}
+LLAVA665K_SAMPLES = sum(LLAVA665K_BY_SOURCE.values())                           # 665,298
+LLAVA665K_IMAGE_SAMPLES = LLAVA665K_SAMPLES - LLAVA665K_BY_SOURCE["text-only"]  # 624,610
+MAX_SIDE = 2**31 - 1
+REQUIRED = ("width", "height")
+
+
+def coco_train2017_sizes():
+    """The embedded manifest (an importlib.resources Traversable; ``str()`` of it is a path
+    for a normal install)."""
+    return resources.files("bluelm_v.data") / COCO_TRAIN2017_FILE
+
+
+def _open_text(path):
+    raw = path.open("rb") if hasattr(path, "open") and not isinstance(path, (str, Path)) else open(path, "rb")
+    if str(path).endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=raw)
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def read_size_manifest(path=None):
+    """Read a size manifest into a pandas DataFrame: ``width``, ``height`` (int64), ``line``,
+    and any other columns as strings. ``path=None`` reads the embedded COCO train2017 sizes."""
+    import numpy as np
+    import pandas as pd
+
+    source = coco_train2017_sizes() if path is None else Path(path)
+    name = str(source)
+    if path is not None and not source.is_file():
+        raise InputError(f"size manifest {name}: no such file")
+    try:
+        with _open_text(source) as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise InputError(f"size manifest {name}: cannot be read as UTF-8 text ({exc})") from None
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+    except csv.Error as exc:
+        raise InputError(f"size manifest {name}, line 1: malformed CSV header ({exc})") from None
+    if not any(header):
+        raise InputError(f"size manifest {name}, line 1: empty file; expected a header with "
+                         f"columns {','.join(REQUIRED)}")
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise InputError(f"size manifest {name}, line 1: missing column(s) {', '.join(missing)} "
+                         f"(header: {','.join(header)}); a size manifest needs columns width,height")
+    rows, lines = [], []
+    try:
+        for row in reader:
+            if not any(f.strip() for f in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise InputError(f"size manifest {name}, line {reader.line_num}: {len(row)} fields, "
+                                 f"the header has {len(header)}")
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise InputError(f"size manifest {name}, line {reader.line_num}: malformed CSV ({exc})") from None
+    table = pd.DataFrame(rows, columns=header, dtype=str)
+    table["line"] = np.asarray(lines, dtype=np.int64)
+    for col in REQUIRED:
+        values = table[col].str.strip()
+        ok = values.str.fullmatch(r"[+-]?\d+")
+        if not ok.all():
+            i = int(np.flatnonzero(~ok.to_numpy())[0])
+            raise InputError(f"size manifest {name}, line {table['line'].iat[i]}: {col} = "
+                             f"{table[col].iat[i]!r} is not an integer")
+        digits = values.str.lstrip("+-").str.len()
+        values = values.where(digits <= 15, str(10**15))  # absurdly large: kept, skipped later
+        table[col] = values.astype(np.int64)
+    return table
+
+
+def split_bad_sizes(table):
+    """(good rows, bad rows with a ``reason``): ``nonpositive_size`` (a side <= 0) or
+    ``size_too_large`` (a side above 2**31 - 1)."""
+    import numpy as np
+
+    w, h = table["width"].to_numpy(), table["height"].to_numpy()
+    nonpositive = (w <= 0) | (h <= 0)
+    too_large = ~nonpositive & ((w > MAX_SIDE) | (h > MAX_SIDE))
+    bad = table[nonpositive | too_large].copy()
+    bad["reason"] = np.where(nonpositive[nonpositive | too_large], "nonpositive_size", "size_too_large")
+    return table[~(nonpositive | too_large)].reset_index(drop=True), bad.reset_index(drop=True)
