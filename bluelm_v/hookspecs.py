@@ -20,6 +20,7 @@ def bluelm_v_register(registry) -> None:
 
     Contracts per family (what the model, the jobs and the backends call):
       tiler       .select(w, h) -> (m, n); .select_many(ws, hs) -> (ms, ns) numpy arrays;
+                  optional .degenerate_many(ws, hs) -> bool[N] (sizes no canvas holds: fallback used);
                   .num_crops(m, n) -> crops incl. thumbnail (numpy-friendly);
                   .transform(PIL.Image) -> bluelm_v.types.Crops
       encoder     torch.nn.Module: forward(pixels [K,3,B,B]) -> [K,T,C]; attrs hidden_size,
