@@ -1,0 +1,338 @@
+"""Hand-written CPU kernels for packed weights (C, built once per machine, loaded with ctypes).
+
+Why: on this project's target (2 CPU threads, batch-1 decode) none of torch's built-in integer
+matmuls beats the fp32 matvec (bench/bench_quant_kernels.py); a fused unpack-and-FMA loop reads
+the packed weight once and is memory-bound on 1/8 of the fp32 bytes.
+
+Kernels (all fp32 activations and accumulation; OpenMP threads = torch.get_num_threads(), the
+same libgomp torch uses, so the two never oversubscribe the cores):
+  int4_gemm_small  y[M, N] = x[M, K] @ dequant(W4).T (+ bias), for small M (decode)
+  int8_gemm_small  the same for per-channel INT8 weights
+  int4_dequant     W4 rows -> fp32 rows (the tile step of the large-M path)
+  int8_dequant     W8 rows -> fp32 rows
+
+The library is compiled with ``cc -O3 -march=native -fopenmp`` into ``$BLUELM_V_CACHE`` (default
+~/.cache/bluelm_v/kernels), keyed by a hash of the source and the compiler. Without a C compiler,
+:func:`library` returns None and the callers fall back to torch dequantise-then-matmul.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) { if (m == 0) u = s; else { e = 113; while (!(m & 0x400)) { m <<= 1; e--; } u = s | (e << 23) | ((m & 0x3ff) << 13); } }
+    else if (e == 31) u = s | 0x7f800000 | (m << 13);
+    else u = s | ((e + 112) << 23) | (m << 13);
+    float f; memcpy(&f, &u, 4); return f;
+}
+#endif
+#define MMAX 16
+#define GMAX 128
+
+/* Split x per group into evens then odds (so each nibble plane meets contiguous x) + group sums. */
+static void split_x(const float* x, int M, int K, int g, float* xs, float* xsum) {
+    int G = K / g, h = g / 2;
+    for (int m = 0; m < M; m++)
+        for (int gi = 0; gi < G; gi++) {
+            const float* src = x + (size_t)m * K + (size_t)gi * g;
+            float* dst = xs + (size_t)m * K + (size_t)gi * g;
+            float t = 0.f;
+            for (int j = 0; j < h; j++) { dst[j] = src[2 * j]; dst[h + j] = src[2 * j + 1]; t += src[2 * j] + src[2 * j + 1]; }
+            xsum[m * G + gi] = t;
+        }
+}
+
+/* One output row; H = g/2 is a compile-time constant after inlining, so the group loop unrolls
+   into whole vectors: 8 codes -> zero-extend -> mask / shift nibbles -> float -> FMA with x. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __attribute__((always_inline)) void int4_row(
+        const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, const float* xs,
+        const float* xsum, int M, int K, int G, const int H, float* acc) {
+    __m512 accv[MMAX];
+    float accz[MMAX];
+    const __m512i mask = _mm512_set1_epi32(15);
+    for (int m = 0; m < M; m++) { accv[m] = _mm512_setzero_ps(); accz[m] = 0.f; }
+    for (int gi = 0; gi < G; gi++) {
+        const uint8_t* p = prow + (size_t)gi * H;
+        __m512 lo[GMAX / 32], hi[GMAX / 32];
+        for (int v = 0; v < H / 16; v++) {
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16 * v)));
+            lo[v] = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
+            hi[v] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        }
+        float s = h2f(srow[gi]);
+        float z = zrow ? h2f(zrow[gi]) : -8.f * s;
+        __m512 sv = _mm512_set1_ps(s);
+        for (int m = 0; m < M; m++) {
+            const float* xe = xs + (size_t)m * K + (size_t)gi * 2 * H;
+            const float* xo = xe + H;
+            __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+            for (int v = 0; v < H / 16; v++) {
+                d0 = _mm512_fmadd_ps(lo[v], _mm512_loadu_ps(xe + 16 * v), d0);
+                d1 = _mm512_fmadd_ps(hi[v], _mm512_loadu_ps(xo + 16 * v), d1);
+            }
+            accv[m] = _mm512_fmadd_ps(sv, _mm512_add_ps(d0, d1), accv[m]);
+            accz[m] += z * xsum[m * G + gi];
+        }
+    }
+    for (int m = 0; m < M; m++) acc[m] = _mm512_reduce_add_ps(accv[m]) + accz[m];
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline float hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+static inline __attribute__((always_inline)) void int4_row(
+        const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, const float* xs,
+        const float* xsum, int M, int K, int G, const int H, float* acc) {
+    __m256 accv[MMAX];
+    float accz[MMAX];
+    const __m256i mask = _mm256_set1_epi32(15);
+    for (int m = 0; m < M; m++) { accv[m] = _mm256_setzero_ps(); accz[m] = 0.f; }
+    for (int gi = 0; gi < G; gi++) {
+        const uint8_t* p = prow + (size_t)gi * H;
+        __m256 lo[GMAX / 16], hi[GMAX / 16];
+        for (int v = 0; v < H / 8; v++) {
+            __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * v)));
+            lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+            hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        }
+        float s = h2f(srow[gi]);
+        float z = zrow ? h2f(zrow[gi]) : -8.f * s;
+        __m256 sv = _mm256_set1_ps(s);
+        for (int m = 0; m < M; m++) {
+            const float* xe = xs + (size_t)m * K + (size_t)gi * 2 * H;
+            const float* xo = xe + H;
+            __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+            for (int v = 0; v < H / 8; v++) {
+                d0 = _mm256_fmadd_ps(lo[v], _mm256_loadu_ps(xe + 8 * v), d0);
+                d1 = _mm256_fmadd_ps(hi[v], _mm256_loadu_ps(xo + 8 * v), d1);
+            }
+            accv[m] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), accv[m]);
+            accz[m] += z * xsum[m * G + gi];
+        }
+    }
+    for (int m = 0; m < M; m++) acc[m] = hsum8(accv[m]) + accz[m];
+}
+#else
+static inline void int4_row(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, const float* xs,
+                            const float* xsum, int M, int K, int G, const int H, float* acc) {
+    for (int m = 0; m < M; m++) acc[m] = 0.f;
+    for (int gi = 0; gi < G; gi++) {
+        const uint8_t* p = prow + (size_t)gi * H;
+        float s = h2f(srow[gi]);
+        float z = zrow ? h2f(zrow[gi]) : -8.f * s;
+        for (int m = 0; m < M; m++) {
+            const float* xe = xs + (size_t)m * K + (size_t)gi * 2 * H;
+            float d = 0.f;
+            for (int j = 0; j < H; j++) d += (float)(p[j] & 15) * xe[j] + (float)(p[j] >> 4) * xe[H + j];
+            acc[m] += s * d + z * xsum[m * G + gi];
+        }
+    }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* M = 1 (decode): 4 output rows at a time, interleaving their groups, with the rows 8 ahead
+   prefetched: more independent loads in flight when the weights stream from DRAM. */
+static inline __attribute__((always_inline)) void int4_rows4(
+        const uint8_t* p0, size_t rb, const uint16_t* s0, const uint16_t* z0, int G,
+        const float* xs, const float* xsum, const int H, float* out) {
+    const __m256i mask = _mm256_set1_epi32(15);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float accz[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int gi = 0; gi < G; gi++) {
+        const float* xe = xs + (size_t)gi * 2 * H;
+        const float* xo = xe + H;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t* p = p0 + r * rb + (size_t)gi * H;
+            if (((size_t)gi * H) % 64 == 0) _mm_prefetch((const char*)(p + 8 * rb), _MM_HINT_T0);
+            __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+            for (int v = 0; v < H / 8; v++) {
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * v)));
+                d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, mask)), _mm256_loadu_ps(xe + 8 * v), d0);
+                d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), _mm256_loadu_ps(xo + 8 * v), d1);
+            }
+            float s = h2f(s0[(size_t)r * G + gi]);
+            float z = z0 ? h2f(z0[(size_t)r * G + gi]) : -8.f * s;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(d0, d1), acc[r]);
+            accz[r] += z * xsum[gi];
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+        a = _mm_add_ss(a, _mm_movehdup_ps(a));
+        out[r] = _mm_cvtss_f32(a) + accz[r];
+    }
+}
+#define HAVE_ROWS4 1
+#endif
+
+/* x [M, K] fp32; packed [N, K/2] (low nibble = even column); scales, zeros fp16 [N, K/g] (zeros NULL:
+   symmetric, w = s*(q-8)); bias [N] or NULL; y [M, N]. M <= MMAX, g in {32, 64, 128}. */
+void int4_gemm_small(const float* x, int M, int K, const uint8_t* packed, const uint16_t* scales,
+                     const uint16_t* zeros, const float* bias, int N, int g, float* y, int threads) {
+    int G = K / g;
+    float* xs = (float*)malloc(sizeof(float) * (size_t)M * K);
+    float* xsum = (float*)malloc(sizeof(float) * (size_t)M * G);
+    split_x(x, M, K, g, xs, xsum);
+    int n0 = 0;
+#ifdef HAVE_ROWS4
+    if (M == 1) {
+        size_t rb = (size_t)K / 2;
+        #pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
+        for (int n = 0; n < N - 3; n += 4) {
+            const uint16_t* z = zeros ? zeros + (size_t)n * G : NULL;
+            if (g == 32) int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 16, y + n);
+            else if (g == 64) int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 32, y + n);
+            else int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 64, y + n);
+            if (bias) for (int r = 0; r < 4; r++) y[n + r] += bias[n + r];
+        }
+        n0 = N - N % 4;
+    }
+#endif
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+    for (int n = n0; n < N; n++) {
+        float acc[MMAX];
+        const uint8_t* prow = packed + (size_t)n * (K / 2);
+        const uint16_t* srow = scales + (size_t)n * G;
+        const uint16_t* zrow = zeros ? zeros + (size_t)n * G : NULL;
+        if (g == 32) int4_row(prow, srow, zrow, xs, xsum, M, K, G, 16, acc);
+        else if (g == 64) int4_row(prow, srow, zrow, xs, xsum, M, K, G, 32, acc);
+        else int4_row(prow, srow, zrow, xs, xsum, M, K, G, 64, acc);
+        float b = bias ? bias[n] : 0.f;
+        for (int m = 0; m < M; m++) y[(size_t)m * N + n] = acc[m] + b;
+    }
+    free(xs); free(xsum);
+}
+
+/* x [M, K] fp32; q int8 [N, K]; scale fp32 [N]; bias [N] or NULL; y [M, N]. */
+void int8_gemm_small(const float* x, int M, int K, const int8_t* q, const float* scale,
+                     const float* bias, int N, float* y, int threads) {
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+    for (int n = 0; n < N; n++) {
+        const int8_t* row = q + (size_t)n * K;
+        float b = bias ? bias[n] : 0.f;
+        for (int m = 0; m < M; m++) {
+            const float* xm = x + (size_t)m * K;
+            float d = 0.f;
+            for (int k = 0; k < K; k++) d += (float)row[k] * xm[k];
+            y[(size_t)m * N + n] = d * scale[n] + b;
+        }
+    }
+}
+
+/* rows [r0, r1) of a packed int4 weight -> out [(r1 - r0), K] fp32 */
+void int4_dequant(const uint8_t* packed, const uint16_t* scales, const uint16_t* zeros, int K, int g,
+                  int r0, int r1, float* out, int threads) {
+    int G = K / g, h = g / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = r0; n < r1; n++) {
+        const uint8_t* prow = packed + (size_t)n * (K / 2);
+        float* o = out + (size_t)(n - r0) * K;
+        for (int gi = 0; gi < G; gi++) {
+            float s = h2f(scales[(size_t)n * G + gi]);
+            float z = zeros ? h2f(zeros[(size_t)n * G + gi]) : -8.f * s;
+            const uint8_t* p = prow + (size_t)gi * h;
+            float* og = o + (size_t)gi * g;
+            for (int j = 0; j < h; j++) { og[2 * j] = (float)(p[j] & 15) * s + z; og[2 * j + 1] = (float)(p[j] >> 4) * s + z; }
+        }
+    }
+}
+
+void int8_dequant(const int8_t* q, const float* scale, int K, int r0, int r1, float* out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = r0; n < r1; n++) {
+        const int8_t* row = q + (size_t)n * K;
+        float* o = out + (size_t)(n - r0) * K;
+        float s = scale[n];
+        for (int k = 0; k < K; k++) o[k] = (float)row[k] * s;
+    }
+}
+"""
+
+MAX_SMALL_M = 16      # MMAX in the C source
+MAX_GROUP = 128       # GMAX
+_LOCK = threading.Lock()
+_LIB: list = []       # [ctypes.CDLL | None] once tried
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "int4_gemm_small": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I],
+    "int8_gemm_small": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
+    "int4_dequant": [_P, _P, _P, _I, _I, _I, _I, _P, _I],
+    "int8_dequant": [_P, _P, _I, _I, _I, _P, _I],
+}
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BLUELM_V_CACHE", Path.home() / ".cache" / "bluelm_v")) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str) -> Path:
+    key = hashlib.sha256((C_SOURCE + cc + " ".join(FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"bluelm_v_quant_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+        src.write_text(C_SOURCE)
+        subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, text=True)
+        os.replace(out, target)  # atomic: concurrent builders never see a half-written library
+    return target
+
+
+def library():
+    """The loaded kernel library, building it on first use; None when it cannot be built
+    (no compiler, or BLUELM_V_NO_CPU_KERNELS=1): callers then use torch fallbacks."""
+    if _LIB:
+        return _LIB[0]
+    with _LOCK:
+        if _LIB:
+            return _LIB[0]
+        lib = None
+        cc = _compiler()
+        if os.environ.get("BLUELM_V_NO_CPU_KERNELS") == "1" or cc is None:
+            _LIB.append(None)
+            return None
+        try:
+            import torch  # noqa: F401 -- load torch's libgomp first so both share one OpenMP pool
+            lib = ctypes.CDLL(str(_build(cc)))
+            for name, args in _SIGNATURES.items():
+                getattr(lib, name).argtypes = args
+                getattr(lib, name).restype = None
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            print(f"bluelm-v: warning: CPU quant kernels could not be built with {cc} ({detail.strip()[:300]}); "
+                  "using torch dequantise-then-matmul instead", file=sys.stderr)
+            lib = None
+        _LIB.append(lib)
+        return lib

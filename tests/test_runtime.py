@@ -1,0 +1,174 @@
+"""The generation runtime: chunked prefill, KV cache, engines, streaming, decoupled encoding, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from bluelm_v.errors import InputError
+from bluelm_v.plugin_manager import get
+from bluelm_v.runtime import Generator
+
+TINY = {"tiler": {"name": "relaxed", "max_grid": 3}, "encoder": {"name": "siglip", "preset": "tiny"},
+        "downsampler": {"name": "vila_2x2"}, "projector": {"name": "mlp2x_gelu"},
+        "llm": {"name": "hf_causal", "preset": "tiny", "config": {"num_hidden_layers": 3}}}
+
+
+def _build(llm=None, seed=0):
+    from bluelm_v.model import BlueLMV
+
+    cfg = dict(TINY)
+    if llm:
+        cfg["llm"] = llm
+    torch.manual_seed(seed)
+    model = BlueLMV.from_config(cfg, get()[1])
+    with torch.no_grad():   # larger random weights than the 0.02 init, so logits really differ
+        for p in model.llm.model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.new("RGB", (500, 102), (30, 120, 200))     # relaxed: 2:1 -> 3 crops, 588 tokens
+
+
+def _last_logits(model, engine, chunk, image, prompt="<image>\nWhat is it?"):
+    gen = Generator(model, prefill_chunk=chunk, engine=engine)
+    ids = gen.prompt_ids(prompt, 1)
+    feats = gen.encode_image(image).result()["features"]
+    return gen.prefill(gen.embed_prompt(ids, [feats]), 8), gen
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_chunked_prefill_gives_the_same_logits_for_any_chunk_size(model, image, engine):
+    ref, _ = _last_logits(model, engine, 100000, image)
+    for chunk in (1, 7, 128):
+        got, _ = _last_logits(model, engine, chunk, image)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert ref.std() > 0.1        # a real distribution, not a constant
+
+
+def test_fast_engine_matches_the_transformers_forward(model, image):
+    fast, gen = _last_logits(model, "fast", 128, image)
+    ids = gen.prompt_ids("<image>\nWhat is it?", 1)
+    emb = gen.embed_prompt(ids, [gen.encode_image(image).result()["features"]])
+    with torch.no_grad():
+        full = model.llm.model(inputs_embeds=emb).logits[0, -1]
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+
+
+def test_static_shape_decode_step_matches_the_dynamic_one(model, image):
+    """The fixed-shape step a CUDA graph replays (full static cache + position mask) decodes the
+    same tokens as the exact-length step."""
+    from bluelm_v.engines import FastLlamaEngine
+
+    gen = Generator(model)
+    emb = gen.embed_prompt(gen.prompt_ids("<image>\nWhat is it?", 1),
+                           [gen.encode_image(image).result()["features"]])
+    runs = []
+    for static in (False, True):
+        eng = FastLlamaEngine(model.llm.model, static_step=static)
+        eng.begin(emb.shape[1] + 10)
+        tok, out = int(eng.prefill(emb, 128).argmax()), []
+        for _ in range(8):
+            tok = eng.step(tok)
+            out.append(tok)
+        runs.append(out)
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_kv_cache_decode_equals_recomputing_the_whole_sequence(model, image, engine):
+    gen = Generator(model, prefill_chunk=64, engine=engine)
+    res = gen.generate("<image>\nWhat is it?", [image], max_new_tokens=12)
+    ids = gen.prompt_ids("<image>\nWhat is it?", 1)
+    emb = gen.embed_prompt(ids, [gen.encode_image(image).result()["features"]])
+    tokens = []
+    with torch.no_grad():   # greedy without any cache: the full sequence every step
+        for _ in range(len(res.token_ids)):
+            nxt = int(model.llm.model(inputs_embeds=emb).logits[0, -1].argmax())
+            tokens.append(nxt)
+            emb = torch.cat([emb, model.llm.embed(torch.tensor([[nxt]]))], 1)
+    assert res.token_ids == tokens and len(tokens) >= 2
+
+
+def test_streamed_pieces_add_up_to_the_text_and_timings_are_reported(model, image):
+    pieces = []
+    gen = Generator(model)
+    res = gen.generate("<image>\nSay something.", [image], max_new_tokens=10, stream=pieces.append)
+    assert "".join(pieces) == res.text
+    t = res.timings
+    for key in ("image_encode_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "peak_rss_mb"):
+        assert t[key] >= 0
+    assert t["ttft_s"] >= t["prefill_s"] > 0 and t["peak_rss_mb"] > 50
+    assert res.visual_tokens == 3 * 196 and res.grids == [(2, 1)] and res.crops == [3]
+    assert res.prompt_tokens == len(gen.prompt_ids("<image>\nSay something.", 1)) - 1 + 588
+
+
+def test_two_images_in_one_prompt(model, image):
+    square = Image.new("RGB", (300, 300), (200, 10, 10))                  # 1:1 -> 2 crops
+    res = Generator(model).generate("<image> vs <image>?", [image, square], max_new_tokens=3)
+    assert res.crops == [3, 2] and res.visual_tokens == 5 * 196 and res.grids == [(2, 1), (1, 1)]
+
+
+def test_decoupled_encoding_handle_and_encoder_release(image):
+    import time
+
+    model = _build(seed=1)
+    ref = Generator(model).generate("<image>\nHi", [image], max_new_tokens=6)
+    encode = model.encode_images
+    model.encode_images = lambda px: (time.sleep(0.3), encode(px))[1]   # a slow ViT
+    gen = Generator(model, release_encoder=True)
+    t0 = time.perf_counter()
+    handle = gen.encode_image(image)           # returns at once; encoding runs in the background
+    assert time.perf_counter() - t0 < 0.2 and not handle.done()
+    res = gen.generate("<image>\nHi", [handle], max_new_tokens=6)
+    assert res.token_ids == ref.token_ids and res.timings["image_encode_s"] >= 0.3
+    assert gen.encoder_released and sum(p.numel() for p in model.encoder.parameters()) == 0
+    with pytest.raises(InputError, match="released"):
+        gen.encode_image(image)
+
+
+def test_bad_inputs_name_the_input(model, image, tmp_path):
+    gen = Generator(model)
+    with pytest.raises(InputError, match="does not exist"):
+        gen.generate("<image>\nx", [str(tmp_path / "missing.png")])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        gen.generate("<image>\nx", [str(empty)])
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    with pytest.raises(InputError, match="corrupt.jpg"):
+        gen.generate("<image>\nx", [str(corrupt)])
+    with pytest.raises(InputError, match="prompt: has 0"):
+        gen.generate("no placeholder", [image])
+    with pytest.raises(InputError, match="prompt: has 2"):
+        gen.generate("<image><image>", [image])
+    short = _build(llm={**TINY["llm"], "max_context": 64})
+    with pytest.raises(InputError, match="context"):
+        Generator(short).generate("x" * 100, [])
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_matches_transformers_generate():
+    from bluelm_v.model import BlueLMV
+
+    m = BlueLMV.from_config({**TINY, "llm": {"name": "hf_causal", "preset": "smollm2_135m"}}, get()[1])
+    gen = Generator(m, prefill_chunk=5)
+    res = gen.generate("What is the capital of France?", [], max_new_tokens=16)
+    assert "Paris" in res.text and res.finish_reason == "eos"
+    ids = torch.tensor([gen.prompt_ids("What is the capital of France?", 0)])
+    with torch.no_grad():
+        ref = m.llm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                   do_sample=False, eos_token_id=sorted(m.llm.eos_token_ids),
+                                   pad_token_id=m.tokenizer.pad_token_id)
+    want = [t for t in ref[0, ids.shape[1]:].tolist() if t not in m.llm.eos_token_ids]
+    assert res.token_ids == want
