@@ -47,7 +47,7 @@ BAD = [
     ({"id": "noph", "image": "img/small.png", "conversations": conv("no placeholder", "y")}, "no_image_token"),
     ({"id": "two", "image": "img/small.png", "conversations": conv("<image> and <image>", "y")}, "too_many_image_tokens"),
     ({"id": "textph", "conversations": conv("<image> but no image", "y")}, "too_many_image_tokens"),
-    ({"id": "long", "conversations": conv("z" * 400, "y")}, "too_long"),
+    ({"id": "long", "conversations": conv("z" * 1600, "y")}, "too_long"),
 ]
 
 

@@ -59,8 +59,6 @@ class LlavaDataset:
     def __init__(self, json_path: str | Path, image_root: str | Path | None, tiler, tokenizer,
                  tokens_per_crop: int, max_length: int = 2048, system: str | None = None,
                  max_samples: int | None = None, keep_examples: int = 20):
-        from ..chat import IMAGE_PLACEHOLDER, tokenize_conversation  # noqa: F401 (documented API)
-
         self.json_path = Path(json_path)
         self.image_root = Path(image_root) if image_root else self.json_path.parent
         self.tiler, self.tokenizer = tiler, tokenizer
