@@ -4,9 +4,11 @@
     python -m bluelm_v.launch +experiment=generate image=photo.jpg max_new_tokens=128 runtime.prefill_chunk=32
     python -m bluelm_v.launch +experiment=generate image=null 'prompt="What is the capital of France?"'
     python -m bluelm_v.launch +experiment=generate image=photo.jpg runtime.release_encoder=true llm=tiny
+    python -m bluelm_v.launch +experiment=generate image=null 'prompt="Hi!"' quantizer=w4
 
 The model is built from the config (tiler / encoder / downsampler / projector / llm; defaults:
-relaxed tiler up to 3x3 + thumbnail, tiny SigLIP, vila_2x2, mlp2x_gelu, the real SmolLM2-135M).
+relaxed tiler up to 3x3 + thumbnail, tiny SigLIP, vila_2x2, mlp2x_gelu, the real SmolLM2-135M)
+and the top-level ``quantizer`` (default none; e.g. ``quantizer=w4``) is applied to it.
 The image starts encoding in the background before the prompt is tokenised (decoupled image
 encoding), the prompt is prefilled ``runtime.prefill_chunk`` tokens per forward into a KV cache,
 and the answer is decoded greedily and printed as it comes. summary.json holds the text, the
@@ -69,6 +71,8 @@ def run(ctx) -> dict:
                          f"were given (image={cfg.get('image')!r}); put one <image> where each image goes")
     t0 = time.perf_counter()
     model = BlueLMV.from_config(cfg, ctx.registry)
+    if cfg.get("quantizer") is not None:          # e.g. quantizer=w4: rewrites weights in place
+        ctx.create("quantizer").apply(model)
     load_s = time.perf_counter() - t0
     runtime = {**RUNTIME_DEFAULTS, **OmegaConf.to_container(cfg.get("runtime") or {}, resolve=True)}
     runtime["system"] = cfg.get("system")
