@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -321,8 +324,13 @@ def main() -> None:
     ap.add_argument("--accum-fp32", action="store_true", help="DeepSpeed fp32 gradient accumulation")
     ap.add_argument("--variants", default="", help='rows "k=v,...;k=v,..." (keys: ' + ", ".join(VARIANT_KEYS) + ")")
     ap.add_argument("--budget-s", type=float, default=None, help="skip the variants left after this many s")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run all variants in this process (default: one child process per variant, since "
+                         "DeepSpeed engines and compiled layers keep GPU memory alive after they are deleted)")
     ap.add_argument("--peak-tflops", type=float, default=None)
     args = ap.parse_args()
+    if args.variants and ";" in args.variants.strip(" ;") and not args.in_process:
+        return run_children(args)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     os.environ.setdefault("RANK", "0")
@@ -346,7 +354,35 @@ def main() -> None:
             row = {"engine": kind, "error": f"{type(exc).__name__}: {exc}"[:300]}
         row.update(label=label, seq=v.seq, crops=v.crops, mb=v.micro_batch, accum=v.accum, wall_s=time.perf_counter() - t0)
         rows.append(row)
+        print(ROW_TAG + json.dumps(row), flush=True)
+    print_table(rows)
+
+
+ROW_TAG = "BENCH_ROW "
+
+
+def run_children(args) -> None:
+    """One child process per variant (clean GPU memory each time); collects their rows."""
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--variants")
+    del argv[i:i + 2]
+    rows, start = [], time.perf_counter()
+    for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            print(f"skipped (over --budget-s): {spec}", flush=True)
+            continue
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--variants", spec + ";",
+                               "--in-process"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        found = [ln[len(ROW_TAG):] for ln in proc.stdout.splitlines() if ln.startswith(ROW_TAG)]
+        row = json.loads(found[-1]) if found else {"engine": spec, "label": spec, "seq": "?", "crops": "?",
+                                                   "mb": "?", "accum": "?",
+                                                   "error": f"rc {proc.returncode}: {proc.stdout[-300:]}"}
+        rows.append(row)
         print(row, flush=True)
+    print_table(rows)
+
+
+def print_table(rows) -> None:
     print("\n| variant | seq | mb x accum | step (s) | tokens/s | model TFLOP/s | MFU | peak GPU mem (GiB) "
           "| GPU s fwd / bwd / step |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -40,7 +40,8 @@ def _siglip_class():
 
         def __init__(self, preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = True,
                      feature_layer: int = -2, path: str | None = None, dtype: str = "float32",
-                     attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0):
+                     attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0,
+                     image_size: int | None = None):
             super().__init__()
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -50,7 +51,10 @@ def _siglip_class():
                                                          dtype=torch_dtype(dtype))
                 config = full.config
             else:
-                config = SiglipVisionConfig(**SIGLIP_PRESETS[preset], hidden_act="gelu_pytorch_tanh",
+                geometry = dict(SIGLIP_PRESETS[preset])
+                if image_size:                      # another tile size; patch 14 kept
+                    geometry["image_size"] = int(image_size)
+                config = SiglipVisionConfig(**geometry, hidden_act="gelu_pytorch_tanh",
                                             layer_norm_eps=1e-6, vision_use_head=False,
                                             attn_implementation=attn_implementation)
                 with torch.device("meta"):
@@ -168,11 +172,14 @@ def _normal_(tensor, std: float, gen):
 
 def siglip(preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = True,
            feature_layer: int = -2, path: str | None = None, dtype: str = "float32",
-           attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0):
-    """SigLIP vision tower (transformers), penultimate-layer features, batched + pipelined tiles."""
+           attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0,
+           image_size: int | None = None):
+    """SigLIP vision tower (transformers), penultimate-layer features, batched + pipelined tiles.
+    ``image_size`` overrides the preset's tile size (a multiple-of-14 side keeps every pixel seen)."""
     return _siglip_class()(preset=preset, tiles_per_batch=tiles_per_batch, pipelined=pipelined,
                            feature_layer=feature_layer, path=path, dtype=dtype,
-                           attn_implementation=attn_implementation, device=device, seed=seed)
+                           attn_implementation=attn_implementation, device=device, seed=seed,
+                           image_size=image_size)
 
 
 @hookimpl
@@ -181,6 +188,6 @@ def bluelm_v_register(registry):
         "siglip", siglip,
         description="SigLIP ViT (transformers): so400m/tiny presets, penultimate layer, "
                     "tiles_per_batch + pipelined patch embedding",
-        ranges={"tiles_per_batch": (1, None)},
+        ranges={"tiles_per_batch": (1, None), "image_size": (14, 4096)},
         choices={"preset": tuple(SIGLIP_PRESETS), "dtype": DTYPES,
                  "attn_implementation": ("sdpa", "eager")})

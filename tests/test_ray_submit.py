@@ -71,12 +71,16 @@ def test_submit_launch_through_ray_jobs_api(ray_head, tmp_path):
     refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head["dashboard"]],
                              capture_output=True, text=True, env=anon, timeout=120, cwd=REPO)
     assert refused.returncode != 0
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
-         "--", "python", "-m", "bluelm_v.launch", "+experiment=ablate_tiling", "ray=cluster",
-         f"dataset.manifest={manifest}", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    log = submit.stdout + submit.stderr
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
+           "--", "python", "-m", "bluelm_v.launch", "+experiment=ablate_tiling", "ray=cluster",
+           f"dataset.manifest={manifest}", f"hydra.run.dir={run_dir}"]
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a few seconds after `ray start` returns
+        submit = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+        log = submit.stdout + submit.stderr
+        if "No available agent" not in log or time.time() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0 and "succeeded" in log, log[-4000:]
     assert f"summary: {run_dir / 'summary.json'}" in log
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -65,10 +65,40 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return out.view(n, 2 * half)
 
 
+def _refine(w, q, s, z, steps: int):
+    """Least-squares refinement of each group's (scale, zero) for its current codes, then
+    re-rounding, ``steps`` times; per group the lowest-error iterate is kept (never worse than
+    min/max). w [b, G, g] fp32; q codes as float; s, z [b, G, 1] (z None: symmetric)."""
+    def err(q, s, z):
+        rec = s * (q - 8.0) if z is None else s * q + z
+        return ((rec - w) ** 2).sum(dim=2, keepdim=True)
+
+    best = (q, s, z, err(q, s, z))
+    for _ in range(steps):
+        if z is None:                      # min_s sum (s (q-8) - w)^2
+            c = q - 8.0
+            s = ((c * w).sum(2, keepdim=True) / (c * c).sum(2, keepdim=True).clamp_min(1e-12))
+            s = torch.where(s != 0, s, best[1]).to(SCALE_DTYPE).float()
+            q = torch.round(w / s).clamp_(-8, 7) + 8
+        else:                              # linear regression of w on q: w ~ s q + z
+            mq, mw = q.mean(2, keepdim=True), w.mean(2, keepdim=True)
+            var = ((q - mq) ** 2).sum(2, keepdim=True)
+            s = (((q - mq) * (w - mw)).sum(2, keepdim=True) / var.clamp_min(1e-12))
+            s = torch.where((var > 0) & (s > 0), s, best[1]).to(SCALE_DTYPE).float()
+            z = (mw - s * mq).to(SCALE_DTYPE).float()
+            q = torch.round((w - z) / s).clamp_(0, 15)
+        e = err(q, s, z)
+        better = e < best[3]
+        best = (torch.where(better, q, best[0]), torch.where(better, s, best[1]),
+                None if z is None else torch.where(better, z, best[2]), torch.minimum(e, best[3]))
+    return best[0], best[1], best[2]
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int = 64, symmetric: bool = False,
-                  row_block: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  row_block: int = 2048, refine: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """weight [N, K] float -> (packed uint8 [N, K/2], scales fp16 [N, K/g], zeros fp16 [N, K/g]
-    or None when symmetric). Raises ValueError for K % group_size != 0 or odd K."""
+    or None when symmetric). ``refine`` > 0: that many least-squares refinements of each group's
+    scale/zero (see _refine). Raises ValueError for K % group_size != 0 or odd K."""
     n, k = weight.shape
     check_int4_shape(k, group_size)
     groups = k // group_size
@@ -83,12 +113,16 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64, symmetric: bool = 
             s = (torch.gather(w, 2, idx) / -8.0).to(SCALE_DTYPE).float()      # [b, G, 1]
             s = torch.where(s != 0, s, torch.ones_like(s))
             q = torch.round(w / s).clamp_(-8, 7) + 8
+            z = None
         else:
             lo, hi = w.amin(dim=2, keepdim=True), w.amax(dim=2, keepdim=True)
             s = ((hi - lo) / 15.0).to(SCALE_DTYPE).float()                    # [b, G, 1]
             s = torch.where(s > 0, s, torch.ones_like(s))
             z = lo.to(SCALE_DTYPE).float()
             q = torch.round((w - z) / s).clamp_(0, 15)
+        if refine:
+            q, s, z = _refine(w, q, s, z, refine)
+        if z is not None:
             zeros[r:r + row_block] = z.squeeze(2).to(SCALE_DTYPE)
         scales[r:r + row_block] = s.squeeze(2).to(SCALE_DTYPE)
         packed[r:r + row_block] = pack_int4(q.reshape(w.shape[0], k))
