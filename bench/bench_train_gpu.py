@@ -331,11 +331,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.variants and ";" in args.variants.strip(" ;") and not args.in_process:
         return run_children(args)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    for key, val in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0",
+                     "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, val)
     import torch
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -363,9 +361,8 @@ ROW_TAG = "BENCH_ROW "
 
 def run_children(args) -> None:
     """One child process per variant (clean GPU memory each time); collects their rows."""
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--variants")
-    del argv[i:i + 2]
+    argv = sys.argv[1:]
+    del argv[argv.index("--variants"):argv.index("--variants") + 2]
     rows, start = [], time.perf_counter()
     for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
         if args.budget_s and time.perf_counter() - start > args.budget_s:
