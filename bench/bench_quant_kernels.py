@@ -1,5 +1,8 @@
 """Time every candidate matmul path for quantised weights and print a table.
 
+w4 rows use asymmetric groups (float zero points) unless marked (symmetric): ONNX Runtime's
+MatMulNBits falls back to a slow path with float zero points, so it is timed both ways.
+
     .venv/bin/python bench/bench_quant_kernels.py                      # 2304x5760, batch 1 and 128, 2 threads
     .venv/bin/python bench/bench_quant_kernels.py --shape 576x1536 --batch 1 --threads 2
     .venv/bin/python bench/bench_quant_kernels.py --device cuda        # GPU paths (fp16, int4 tinygemm)
@@ -59,6 +62,13 @@ def candidates(weight: torch.Tensor, group_size: int, device: str):
         fn = kernels.make_int4(name, p4, s4, z4, group_size, device)
         if fn is not None:
             out[f"w4 {name}"] = (b4, fn, w4_ref)
+    # ONNX Runtime only has a fast path without float zero points: time it on symmetric weights too
+    p4s, s4s, _ = packing.quantize_int4(weight, group_size, symmetric=True)
+    w4s_ref = packing.dequantize_int4(p4s, s4s, None, group_size)
+    for name in ("ort", "ort_int8act", "cpu_fused", "cpu_tiled"):
+        fn = kernels.make_int4(name, p4s, s4s, None, group_size, device)
+        if fn is not None:
+            out[f"w4 {name} (symmetric)"] = (p4s.numel() + s4s.numel() * 2, fn, w4s_ref)
     return out
 
 
@@ -83,7 +93,7 @@ def main(argv=None) -> None:
     cands = candidates(weight, args.group_size, args.device)
     only = [s for s in args.only.split(",") if s]
     print(f"# torch {torch.__version__}, device {args.device}, threads {args.threads}, "
-          f"layer {k}x{n} (weight [{n}, {k}]), w4 group {args.group_size} asymmetric")
+          f"layer {k}x{n} (weight [{n}, {k}]), w4 group {args.group_size}, timing: {args.stat} of {args.reps}")
     print(f"| path | weight MB | " + " | ".join(f"batch {b} ms" for b in args.batch.split(",")) + " | max rel err |")
     print("|---|---|" + "---|" * len(args.batch.split(",")) + "---|")
     for name, (nbytes, fn, ref_w) in cands.items():

@@ -7,12 +7,13 @@
 Settings (``job.settings``; the same tokens for every one):
   fp32        the LLM as loaded (for smollm2_135m: the GGUF's Q4_1 weights dequantised to fp32)
   w8          INT8 per-channel weights, every Linear and the embedding table
-  w4_g32/64/128   INT4 group-wise weights (+ embedding / tied lm_head); a layer whose width the group
-              size does not divide gets the next smaller group (``regrouped`` in the summary)
+  w4_g32/64/128   INT4 group-wise weights; embedding table + output head at the quantizer's
+              embedding_bits (default INT8); a layer whose width the group size does not divide
+              gets the next smaller group (``regrouped`` in the summary)
   w4_kv8      w4 at the quantizer's LLM group size + INT8 KV cache
   w4_kv8_a16  the same + INT16 activation fake-quantisation: the LLM part of ``bluelm_mixed``
-The w4 group size / symmetry of the last two come from the ``quantizer`` node (bluelm_mixed's
-llm_group_size / llm_symmetric, or w4's group_size / symmetric); w4_gXX use its symmetry too.
+The w4 group size / symmetry / embedding_bits of the last two come from the ``quantizer`` node
+(bluelm_mixed's llm_* values, or w4's); w4_gXX use its symmetry and embedding_bits too.
 
 Perplexity: ``job.n_tokens`` tokens of the Python standard library's pydoc topic texts (real
 English, offline), non-overlapping windows of ``job.context`` tokens, each fed in
@@ -58,17 +59,18 @@ def base_w4(cfg) -> dict:
     node = OmegaConf.to_container(cfg.quantizer, resolve=True)
     if node.get("name") == "bluelm_mixed":
         return {"group_size": node.get("llm_group_size", 64), "symmetric": node.get("llm_symmetric", False),
-                "vision_act_dtype": node.get("vision_act_dtype", "fp16")}
+                "embedding_bits": node.get("llm_embedding_bits", 8), "vision_act_dtype": node.get("vision_act_dtype", "fp16")}
     if node.get("name") == "w4":
         return {"group_size": node.get("group_size", 64), "symmetric": node.get("symmetric", False),
-                "vision_act_dtype": "fp16"}
-    return {"group_size": 64, "symmetric": False, "vision_act_dtype": "fp16"}
+                "embedding_bits": node.get("embedding_bits", 8), "vision_act_dtype": "fp16"}
+    return {"group_size": 64, "symmetric": False, "embedding_bits": 8, "vision_act_dtype": "fp16"}
 
 
 def make_quantizer(ctx, setting: str, base: dict):
     """The quantizer object for one setting (all built through the registry)."""
     q = ctx.registry.quantizer
-    w4 = dict(targets=["llm"], symmetric=base["symmetric"], on_bad_shape="smaller_group")
+    w4 = dict(targets=["llm"], symmetric=base["symmetric"], embedding_bits=base["embedding_bits"],
+              on_bad_shape="smaller_group")
     if setting == "fp32":
         return q.create("none")
     if setting == "w8":

@@ -44,12 +44,12 @@ def w8(targets: list = ("encoder", "downsampler", "projector"), act_dtype: str =
     return W8(_check_targets(targets), act_dtype, embeddings, skip, kernel)
 
 
-def w4(targets: list = ("llm",), group_size: int = 64, symmetric: bool = False, embeddings: bool = True,
-       on_bad_shape: str = "error", skip: list = (), kernel: str = "auto"):
+def w4(targets: list = ("llm",), group_size: int = 64, symmetric: bool = False, embedding_bits: int | None = 8,
+       on_bad_shape: str = "error", skip: list = (), kernel: str = "auto", refine: int = 0):
     """INT4 weights, group-wise (32/64/128), two per byte, fp16 scales (+ zeros if asymmetric)."""
     from bluelm_v.quant.schemes import W4
 
-    return W4(_check_targets(targets), group_size, symmetric, embeddings, on_bad_shape, skip, kernel)
+    return W4(_check_targets(targets), group_size, symmetric, embedding_bits, on_bad_shape, skip, kernel, refine)
 
 
 def kv8(targets: list = ("llm",)):
@@ -66,14 +66,14 @@ def a16(targets: list = ("llm",), bits: int = 16, granularity: str = "tensor", s
     return A16(_check_targets(targets), bits, granularity, skip)
 
 
-def bluelm_mixed(llm_group_size: int = 64, llm_symmetric: bool = False, llm_embeddings: bool = True,
+def bluelm_mixed(llm_group_size: int = 64, llm_symmetric: bool = False, llm_embedding_bits: int | None = 8,
                  vision_act_dtype: str = "fp16", act_bits: int = 16, kv_cache: bool = True,
                  on_bad_shape: str = "error", kernel: str = "auto"):
     """The paper's scheme: encoder+projector w8 (fp16 activations), LLM w4 + a16, KV cache kv8."""
     from bluelm_v.quant.schemes import A16, KV8, W4, W8, Composite
 
     steps = [W8(["encoder", "downsampler", "projector"], vision_act_dtype, False, (), kernel),
-             W4(["llm"], llm_group_size, llm_symmetric, llm_embeddings, on_bad_shape, (), kernel),
+             W4(["llm"], llm_group_size, llm_symmetric, llm_embedding_bits, on_bad_shape, (), kernel),
              A16(["llm"], act_bits, "tensor")]
     if kv_cache:
         steps.append(KV8(["llm"]))
@@ -85,10 +85,13 @@ def bluelm_v_register(registry):
     q = registry.quantizer
     q.register("none", none)
     q.register("w8", w8, choices={"act_dtype": ("fp32", "fp16", "bf16"), "kernel": KERNELS})
-    q.register("w4", w4, choices={"group_size": GROUP_SIZES, "kernel": KERNELS, "on_bad_shape": BAD_SHAPE})
+    q.register("w4", w4, ranges={"refine": (0, 20)},
+               choices={"group_size": GROUP_SIZES, "kernel": KERNELS, "on_bad_shape": BAD_SHAPE,
+                        "embedding_bits": (4, 8, None)})
     q.register("kv8", kv8)
     q.register("a16", a16, ranges={"bits": (2, 24)}, choices={"granularity": ("tensor", "token")})
     q.register("bluelm_mixed", bluelm_mixed,
                ranges={"act_bits": (2, 24)},
                choices={"llm_group_size": GROUP_SIZES, "vision_act_dtype": ("fp32", "fp16", "bf16"),
+                        "llm_embedding_bits": (4, 8, None),
                         "kernel": KERNELS, "on_bad_shape": BAD_SHAPE})

@@ -150,9 +150,9 @@ def test_tied_embedding_shares_the_int4_buffers_and_is_saved_once(tmp_path):
     model = TinyLM()
     ids = torch.randint(0, 96, (2, 7))
     ref = model(ids)
-    q = W4(["all"], 32)
+    q = W4(["all"], 32, embedding_bits=4)
     q.apply(model)
-    assert isinstance(model.embed, QuantEmbedding) and model.embed.tied
+    assert isinstance(model.embed, QuantEmbedding) and model.embed.tied and model.embed.bits == 4
     assert model.embed.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
     assert model.embed.weight.dtype == torch.float32 and model.embed.weight.numel() == 0
     out = model(ids)
@@ -161,9 +161,19 @@ def test_tied_embedding_shares_the_int4_buffers_and_is_saved_once(tmp_path):
     assert info["llm"]["aliases"] == 3                 # qweight, scales, zeros stored once
     with torch.device("meta"):
         fresh = TinyLM()
-    W4(["all"], 32).load(fresh, tmp_path)
+    W4(["all"], 32, embedding_bits=4).load(fresh, tmp_path)
     assert torch.equal(fresh(ids), out)
     assert fresh.embed.qweight.data_ptr() == fresh.lm_head.qweight.data_ptr()
+
+
+def test_w4_keeps_the_tied_head_and_embedding_in_int8_by_default():
+    model = TinyLM()
+    W4(["all"], 32).apply(model)
+    assert isinstance(model.up, Int4Linear) and isinstance(model.lm_head, Int8Linear)
+    assert model.embed.bits == 8 and model.embed.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
+    float_model = TinyLM()
+    W4(["all"], 32, embedding_bits=None).apply(float_model)
+    assert type(float_model.lm_head) is nn.Linear and type(float_model.embed) is nn.Embedding
 
 
 def test_meta_model_is_materialised_one_layer_at_a_time():
@@ -329,7 +339,8 @@ def test_bluelm_mixed_on_a_pipeline_shaped_model():
     assert activation.activation_quant_of(pipe.encoder[0]) is None
     assert kv_cache_kind(pipe) == "int8"
     sizes = weight_bytes(pipe.llm)
-    n_params = 96 * 64 + 64 * 128 + 128 * 64                  # tied table + up + down
-    assert sizes["quantized"] < n_params * 4 / 7                # ~1/8 of fp32 + fp16 scales/zeros
+    int8_table = 96 * 64 + 96 * 4                               # codes + fp32 row scales (tied head)
+    int4_mlp = 2 * (64 * 128 // 2 + 2 * 2 * 128)                # codes + fp16 scales/zeros per 64
+    assert sizes["quantized"] == int8_table + int4_mlp
     with pytest.raises(ConfigError, match="quantizer.targets"):
         KV8(["encoder"]).apply(TinyLM())

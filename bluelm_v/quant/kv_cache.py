@@ -155,6 +155,7 @@ class Int8StaticKVCache:
     def __init__(self, qk, sk, qv, sv, dtype):
         self.qk, self.sk, self.qv, self.sv, self.dtype = qk, sk, qv, sv, dtype
         self.length = 0
+        self._work: tuple | None = None   # one layer's dequantised K and V, reused every call
 
     @classmethod
     def allocate(cls, layers: int, kv_heads: int, head_dim: int, max_len: int, dtype, device) -> "Int8StaticKVCache":
@@ -177,13 +178,20 @@ class Int8StaticKVCache:
 
     def write_read(self, i: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Store k, v [KV, T, d] at ``positions`` [T] of layer i; return that layer's first
-        ``kv_len`` positions dequantised, [1, KV, S, d] in k's dtype."""
+        ``kv_len`` positions dequantised, [1, KV, S, d] in k's dtype. The result lives in one
+        workspace reused by every call (no fresh allocation, no page faults per step): it is
+        valid until the next write_read."""
         qk, sk = quantize_per_token(k)
         qv, sv = quantize_per_token(v)
         self.qk[i].index_copy_(1, positions, qk)
         self.sk[i].index_copy_(1, positions, sk)
         self.qv[i].index_copy_(1, positions, qv)
         self.sv[i].index_copy_(1, positions, sv)
-        keys = dequantize_per_token(self.qk[i, :, :kv_len], self.sk[i, :, :kv_len], k.dtype)       # [KV, S, d]
-        values = dequantize_per_token(self.qv[i, :, :kv_len], self.sv[i, :, :kv_len], v.dtype)
+        if self._work is None or self._work[0].dtype != k.dtype:
+            shape = (self.qk.shape[1], self.max_len, self.qk.shape[3])
+            self._work = (torch.empty(shape, dtype=k.dtype, device=k.device),
+                          torch.empty(shape, dtype=v.dtype, device=v.device))
+        keys, values = self._work[0][:, :kv_len], self._work[1][:, :kv_len]              # [KV, S, d]
+        keys.copy_(self.qk[i, :, :kv_len]).mul_(self.sk[i, :, :kv_len])
+        values.copy_(self.qv[i, :, :kv_len]).mul_(self.sv[i, :, :kv_len])
         return keys[None], values[None]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernels, kernels, packing
 
-FUSED_MAX_M = 8
+FUSED_MAX_M = 16
 ACT_CHUNK = 1024      # rows rounded to act_dtype at a time (caps the transient copies of x)
 ACT_DTYPES = ("fp32", "fp16", "bf16")
 _ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -178,10 +178,11 @@ class Int4Linear(QuantLinearBase):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False,
-                    kernel: str = "auto", act_dtype: str = "fp32") -> "Int4Linear":
+                    kernel: str = "auto", act_dtype: str = "fp32", refine: int = 0) -> "Int4Linear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, symmetric,
                 kernel, act_dtype, device="meta")
-        q.qweight, q.scales, zeros = packing.quantize_int4(linear.weight.detach(), group_size, symmetric)
+        q.qweight, q.scales, zeros = packing.quantize_int4(linear.weight.detach(), group_size, symmetric,
+                                                           refine=refine)
         if zeros is not None:
             q.zeros = zeros
         if linear.bias is not None:
@@ -249,10 +250,11 @@ class QuantEmbedding(nn.Module):
         return rows.reshape(*ids.shape, self.embedding_dim)                   # [..., D]
 
 
-def embedding_table(embedding: nn.Embedding, bits: int, group_size: int = 64, symmetric: bool = False):
+def embedding_table(embedding: nn.Embedding, bits: int, group_size: int = 64, symmetric: bool = False,
+                    refine: int = 0):
     """An nn.Embedding's [V, D] table quantised as if it were Linear(D, V) (the lm_head view)."""
     as_linear = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
     as_linear.weight = embedding.weight
     if bits == 8:
         return Int8Linear.from_linear(as_linear)
-    return Int4Linear.from_linear(as_linear, group_size, symmetric)
+    return Int4Linear.from_linear(as_linear, group_size, symmetric, refine=refine)

@@ -107,7 +107,7 @@ def tied_embeddings(root: nn.Module) -> dict[str, str]:
 
 def replace_embeddings(root: nn.Module, bits: int, group_size: int, symmetric: bool, policy: str,
                        tied: dict[str, str], skip=(), materialize=None,
-                       report: ReplaceReport | None = None) -> ReplaceReport:
+                       report: ReplaceReport | None = None, refine: int = 0) -> ReplaceReport:
     """Quantise every nn.Embedding (dim checked like a Linear's in_features). An embedding whose
     table is tied to a Linear that is already quantised re-uses that module's buffers."""
     report = report or ReplaceReport()
@@ -132,7 +132,7 @@ def replace_embeddings(root: nn.Module, bits: int, group_size: int, symmetric: b
             if materialize is None:
                 raise ValueError(f"{name}: weight is on the meta device and no materialize function was given")
             materialize(name, emb)
-        table = embedding_table(emb, bits, g, symmetric)
+        table = embedding_table(emb, bits, g, symmetric, refine)
         setattr(parent, attr, QuantEmbedding(table, emb.padding_idx))
         if g != group_size:
             report.regrouped[name] = g

@@ -11,6 +11,7 @@ BlueLMV); ``all`` is the whole model. A bare module (no such attributes) is one 
 """
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import torch.nn as nn
@@ -123,39 +124,63 @@ class W8(Quantizer):
 
 
 class W4(Quantizer):
-    """Group-wise INT4 weights (packed two per byte) for every nn.Linear of the target parts."""
+    """Group-wise INT4 weights (packed two per byte) for every nn.Linear of the target parts.
+    The embedding tables and the output head (``*lm_head`` or a Linear tied to an embedding) get
+    ``embedding_bits``: 8 (INT8 per row, llama.cpp's habit for Q4 files), 4 (INT4 like the rest)
+    or None (left in float)."""
 
     name = "w4"
 
     def __init__(self, targets=("llm",), group_size: int = 64, symmetric: bool = False,
-                 embeddings: bool = True, on_bad_shape: str = "error", skip=(), kernel: str = "auto"):
-        super().__init__(targets, group_size=group_size, symmetric=symmetric, embeddings=embeddings,
-                         on_bad_shape=on_bad_shape, skip=list(skip), kernel=kernel)
+                 embedding_bits: int | None = 8, on_bad_shape: str = "error", skip=(), kernel: str = "auto",
+                 refine: int = 0):
+        if embedding_bits not in (4, 8, None):
+            raise ValueError(f"embedding_bits must be 4, 8 or None, got {embedding_bits!r}")
+        super().__init__(targets, group_size=group_size, symmetric=symmetric, embedding_bits=embedding_bits,
+                         on_bad_shape=on_bad_shape, skip=list(skip), kernel=kernel, refine=refine)
 
-    def _run(self, model, make, materialize=None):
+    def _plans(self, part):
+        """(int4 plan, head plan, names left out) for one part; every shape checked here."""
+        p = self.params
+        heads = set(tied_embeddings(part).values())
+        heads |= {n for n in linear_names(part, p["skip"]) if n == "lm_head" or n.endswith(".lm_head")}
+        plan, bad = plan_int4(part, p["group_size"], p["on_bad_shape"], p["skip"] + sorted(heads))
+        head_plan = {}
+        if p["embedding_bits"] == 4:
+            head_plan, bad_heads = plan_int4(part, p["group_size"], p["on_bad_shape"],
+                                             p["skip"] + [n for n in linear_names(part) if n not in heads])
+            bad += bad_heads
+        elif p["embedding_bits"] == 8:
+            head_plan = {h: 0 for h in heads if not any(fnmatch.fnmatchcase(h, s) for s in p["skip"])}
+        return plan, head_plan, bad
+
+    def _run(self, model, make4, make8, materialize=None):
         p = self.params
         parts = self.parts(model)
-        plans = {n: plan_int4(part, p["group_size"], p["on_bad_shape"], p["skip"]) for n, part in parts.items()}
+        plans = {n: self._plans(part) for n, part in parts.items()}
         for part_name, part in parts.items():   # every shape checked above: nothing half-quantised
-            plan, bad = plans[part_name]
+            plan, head_plan, bad = plans[part_name]
             tied = tied_embeddings(part)
-            rep = replace_linears(part, plan, make, materialize, ReplaceReport(skipped=list(bad)))
-            rep.regrouped.update({n: g for n, g in plan.items() if g != p["group_size"]})
-            if p["embeddings"]:
-                replace_embeddings(part, 4, p["group_size"], p["symmetric"], p["on_bad_shape"], tied,
-                                   p["skip"], materialize, rep)
+            rep = replace_linears(part, plan, make4, materialize, ReplaceReport(skipped=list(bad)))
+            replace_linears(part, head_plan, make4 if p["embedding_bits"] == 4 else make8, materialize, rep)
+            rep.regrouped.update({n: g for n, g in {**plan, **head_plan}.items() if g and g != p["group_size"]})
+            if p["embedding_bits"] is not None:
+                replace_embeddings(part, p["embedding_bits"], p["group_size"], p["symmetric"], p["on_bad_shape"],
+                                   tied, p["skip"], materialize, rep, p["refine"])
             self.report[part_name] = rep.as_dict()
         return model
 
     def apply(self, model, materialize=None):
         p = self.params
-        return self._run(model, lambda lin, g: Int4Linear.from_linear(lin, g, p["symmetric"], p["kernel"]),
-                         materialize)
+        return self._run(model, lambda lin, g: Int4Linear.from_linear(lin, g, p["symmetric"], p["kernel"], refine=p["refine"]),
+                         lambda lin, _: Int8Linear.from_linear(lin, p["kernel"]), materialize)
 
     def prepare(self, model):
         p = self.params
         return self._run(model, lambda lin, g: Int4Linear(lin.in_features, lin.out_features, lin.bias is not None,
                                                            g, p["symmetric"], p["kernel"], device="meta"),
+                         lambda lin, _: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                   p["kernel"], device="meta"),
                          materialize=lambda name, m: None)
 
 
