@@ -14,6 +14,7 @@ a fast but wrong kernel shows up. Times are medians over ``--reps`` calls after 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -50,25 +51,23 @@ def candidates(weight: torch.Tensor, group_size: int, device: str):
     w4_ref = packing.dequantize_int4(p4, s4, z4, group_size)
     b8 = q8.numel() + s8.numel() * 4
     b4 = p4.numel() + 2 * s4.numel() * 2
-    out: dict[str, tuple] = {"fp32 F.linear": (weight.numel() * 4, lambda x: F.linear(x, weight), weight)}
+    # name -> (weight bytes, a function building the kernel (None: not on this device), reference weight);
+    # kernels are built right before they are timed and dropped after (no idle ORT pools meanwhile)
+    out: dict[str, tuple] = {"fp32 F.linear": (weight.numel() * 4, lambda: lambda x: F.linear(x, weight), weight)}
     if device == "cuda":
         w16 = weight.half()
-        out["fp16 F.linear"] = (w16.numel() * 2, lambda x: F.linear(x.half(), w16).float(), weight)
+        out["fp16 F.linear"] = (w16.numel() * 2, lambda: lambda x: F.linear(x.half(), w16).float(), weight)
     for name in kernels.INT8_PATHS:
-        fn = kernels.make_int8(name, q8, s8, device)
-        if fn is not None:
-            out[f"w8 {name}"] = (b8, fn, w8_ref)
+        out[f"w8 {name}"] = (b8, lambda name=name: kernels.make_int8(name, q8, s8, device), w8_ref)
     for name in kernels.INT4_PATHS:
-        fn = kernels.make_int4(name, p4, s4, z4, group_size, device)
-        if fn is not None:
-            out[f"w4 {name}"] = (b4, fn, w4_ref)
+        out[f"w4 {name}"] = (b4, lambda name=name: kernels.make_int4(name, p4, s4, z4, group_size, device), w4_ref)
     # ONNX Runtime only has a fast path without float zero points: time it on symmetric weights too
     p4s, s4s, _ = packing.quantize_int4(weight, group_size, symmetric=True)
     w4s_ref = packing.dequantize_int4(p4s, s4s, None, group_size)
     for name in ("ort", "ort_int8act", "cpu_fused", "cpu_tiled"):
-        fn = kernels.make_int4(name, p4s, s4s, None, group_size, device)
-        if fn is not None:
-            out[f"w4 {name} (symmetric)"] = (p4s.numel() + s4s.numel() * 2, fn, w4s_ref)
+        out[f"w4 {name} (symmetric)"] = (p4s.numel() + s4s.numel() * 2,
+                                         lambda name=name: kernels.make_int4(name, p4s, s4s, None, group_size, device),
+                                         w4s_ref)
     return out
 
 
@@ -96,8 +95,11 @@ def main(argv=None) -> None:
           f"layer {k}x{n} (weight [{n}, {k}]), w4 group {args.group_size}, timing: {args.stat} of {args.reps}")
     print(f"| path | weight MB | " + " | ".join(f"batch {b} ms" for b in args.batch.split(",")) + " | max rel err |")
     print("|---|---|" + "---|" * len(args.batch.split(",")) + "---|")
-    for name, (nbytes, fn, ref_w) in cands.items():
+    for name, (nbytes, build, ref_w) in cands.items():
         if only and not any(s in name for s in only):
+            continue
+        fn = build()
+        if fn is None:
             continue
         cells, err = [], 0.0
         for b in (int(v) for v in args.batch.split(",")):
@@ -110,6 +112,8 @@ def main(argv=None) -> None:
             except Exception as exc:  # noqa: BLE001 -- a path that fails is reported, not fatal
                 cells.append(f"failed: {type(exc).__name__}: {str(exc)[:60]}")
         print(f"| {name} | {nbytes / 2**20:.1f} | " + " | ".join(cells) + f" | {err:.1e} |", flush=True)
+        del fn
+        gc.collect()
 
 
 if __name__ == "__main__":

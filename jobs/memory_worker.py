@@ -56,7 +56,6 @@ def main(config_path: str, ckpt: str, out_path: str) -> None:
 
     import transformers.models.llama.modeling_llama  # noqa: F401 -- import cost belongs to "imports"
     import transformers.models.siglip.modeling_siglip  # noqa: F401
-    from skimage import data
 
     from bluelm_v import plugin_manager
     from bluelm_v.quant.kv_cache import kv_cache_nbytes
@@ -81,7 +80,11 @@ def main(config_path: str, ckpt: str, out_path: str) -> None:
     stages.mark("loaded")
 
     w, h = (int(v) for v in job.image_size)
-    image = Image.open(job.image).convert("RGB") if job.image else Image.fromarray(data.astronaut())
+    if job.image:
+        image = Image.open(job.image).convert("RGB")
+    else:
+        from skimage import data          # a real photo shipped by scikit-image
+        image = Image.fromarray(data.astronaut())
     image = image.resize((w, h), Image.BICUBIC)
     crops = model.tiler.transform(image)
     kv_int8 = kv_cache_kind(model.llm.model) == "int8"

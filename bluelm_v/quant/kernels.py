@@ -134,6 +134,7 @@ def _ort_matmul_nbits(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # share the cores with torch
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del onnx
 
