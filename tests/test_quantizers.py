@@ -43,6 +43,7 @@ def rel(a, b):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_error_is_at_most_half_a_step_per_group(symmetric, group):
+    torch.manual_seed(group + symmetric)   # deterministic; the bounds hold for any seed (checked on 3000)
     w = torch.randn(16, 256)
     p, s, z = packing.quantize_int4(w, group, symmetric)
     d = packing.dequantize_int4(p, s, z, group)
@@ -53,7 +54,8 @@ def test_int4_error_is_at_most_half_a_step_per_group(symmetric, group):
     # beyond +7 steps clip (llama.cpp Q4_0 does the same): at most one step there
     unclipped = packing.unpack_int4(p) != 15 if symmetric else torch.ones_like(w, dtype=torch.bool)
     assert (err[unclipped] <= step[unclipped] / 2 + tol[unclipped]).all()
-    assert (err <= step + tol).all()
+    # a clipped +8 -> +7 is one step off, plus up to 8 steps' worth of the fp16 rounding of the scale
+    assert (err <= step * (1 + 8 * 2.0 ** -11) + 1e-6).all()
     assert (z is None) == symmetric
 
 
