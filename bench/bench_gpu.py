@@ -12,7 +12,11 @@ Rows:
   decode, batch 1 after a 2048-token prompt: transformers generate (static cache, without and
       with its auto-compile) vs our FastLlamaEngine (fused layers, CUDA graph per step, optional
       torch.compile of the layer) vs the limit = measured copy bandwidth / weight bytes, and the
-      floor of the step's matmuls alone
+      floor of the step's matmuls alone; TritonDecodeEngine (bluelm_v/cuda_decode.py: ~5 Triton
+      kernels a layer, block sizes tuned at prepare()) with its correctness against the torch
+      path (logits, 64 greedy tokens), its per-call-site kernel times and the block-size sweep
+
+    python bench/bench_gpu.py --only decode --skip-hf --variants cublas,triton   # the Triton rows
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ def import_plugins():
         spec.loader.exec_module(mod)
     from bluelm_v.plugins import encoders, llms
     return encoders, llms
+
+
+class _Skipped(Exception):
+    """A row left out on request."""
 
 
 def timed(fn, sync, warmup=3, reps=10) -> float:
@@ -113,17 +121,22 @@ def bench_decode(torch, llms, args, device, dtype, sync, rows, budget_end):
                                   min_new_tokens=n, do_sample=False, cache_implementation="static",
                                   disable_compile=True, pad_token_id=0, eos_token_id=None)
     try:
+        if args.skip_hf:
+            raise _Skipped
         hf_generate(2)
         sync()
         t_short = timed(lambda: hf_generate(1), sync, warmup=0, reps=2)
         t_long = timed(lambda: hf_generate(n_new), sync, warmup=0, reps=2)
         hf_tps = (n_new - 1) / (t_long - t_short)
         rows.append(("decode", "transformers generate, static cache", hf_tps, "tok/s", hf_tps / limit))
+    except _Skipped:
+        pass
     except Exception as exc:  # noqa: BLE001 -- report and go on
         rows.append(("decode", f"transformers generate failed: {type(exc).__name__}: {exc}"[:90],
                      float("nan"), "", float("nan")))
     emb = model.get_input_embeddings()(ids)
-    for attention, compile_ in (("sdpa", False), ("sdpa", True)):
+    variants = [("sdpa", False)] * ("cublas" in args.variants) + [("sdpa", True)] * ("compile" in args.variants)
+    for attention, compile_ in variants:
         if time.perf_counter() > budget_end:
             rows.append(("decode", f"ours {attention} compile={compile_}: skipped (time budget)",
                          float("nan"), "", float("nan")))
@@ -159,7 +172,14 @@ def bench_decode(torch, llms, args, device, dtype, sync, rows, budget_end):
         except Exception as exc:  # noqa: BLE001
             rows.append(("decode", f"ours compile={compile_} failed: {type(exc).__name__}: {exc}"[:120],
                          float("nan"), "", float("nan")))
-    if time.perf_counter() < budget_end - 120:
+    if "triton" in args.variants:
+        try:
+            bench_triton(torch, model, emb, n_prompt, n_new, limit, sync, rows)
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            rows.append(("decode", f"triton failed: {type(exc).__name__}: {exc}"[:160], float("nan"), "", float("nan")))
+    if time.perf_counter() < budget_end - 120 and not args.skip_hf:
         try:    # transformers' own default for a static cache: torch.compile of the forward
             def hf_compiled(n):
                 with torch.no_grad():
@@ -173,6 +193,101 @@ def bench_decode(torch, llms, args, device, dtype, sync, rows, budget_end):
             rows.append(("decode", "transformers generate, static cache + its auto-compile", tps, "tok/s", tps / limit))
         except Exception as exc:  # noqa: BLE001
             rows.append(("decode", f"transformers compiled generate failed: {type(exc).__name__}: {exc}"[:120],
+                         float("nan"), "", float("nan")))
+
+
+def run_decode(eng, emb, n_prompt, n_new, sync, logits=False, force=None):
+    """Prefill then n_new greedy steps: (tokens, per-step logits or None, decode seconds).
+    force: feed these tokens instead of the engine's own (teacher forcing, for comparisons)."""
+    eng.begin(n_prompt + n_new + 1)
+    tok = int(eng.prefill(emb, 128).argmax())
+    toks, outs = [], []
+    sync()
+    t0 = time.perf_counter()
+    for i in range(n_new):
+        tok = eng.step(tok)
+        toks.append(tok)
+        if force is not None:
+            tok = force[i]
+        if logits:
+            outs.append((eng.last_logits if hasattr(eng, "last_logits") else eng.last_step_logits).float().clone())
+    sync()
+    return toks, outs, time.perf_counter() - t0
+
+
+def bench_triton(torch, model, emb, n_prompt, n_new, limit, sync, rows):
+    """Triton decode: correctness vs the eager torch path, speed tuned/untuned, kernel times."""
+    from bluelm_v.cuda_decode import DEFAULTS, TritonDecodeEngine
+    from bluelm_v.engines import FastLlamaEngine
+
+    n_check = min(64, n_new)
+    ref = FastLlamaEngine(model, cuda_graph=False, static_step=False)
+    ref_toks, ref_logits, _ = run_decode(ref, emb, n_prompt, n_check, sync, logits=True)
+    del ref
+    graph = FastLlamaEngine(model, cuda_graph=emb.is_cuda, static_step=True)
+    graph_toks, _, _ = run_decode(graph, emb, n_prompt, n_check, sync)
+    del graph
+    pdl = True
+    try:
+        eng = TritonDecodeEngine(model, debug_logits=True)
+        eng.begin(n_prompt + n_new + 1)
+        t0 = time.perf_counter()
+        eng.prepare()                               # tunes block sizes, captures the graph
+    except Exception as exc:  # noqa: BLE001 -- e.g. no programmatic dependent launch in graphs
+        print(f"[bench] PDL engine failed ({type(exc).__name__}: {exc}); retrying without PDL")
+        pdl = False
+        eng = TritonDecodeEngine(model, debug_logits=True, pdl=False)
+        eng.begin(n_prompt + n_new + 1)
+        t0 = time.perf_counter()
+        eng.prepare()
+    setup = time.perf_counter() - t0
+    toks, logits, _ = run_decode(eng, emb, n_prompt, n_check, sync, logits=True)
+    same = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), n_check)
+    same_graph = next((i for i, (a, b) in enumerate(zip(graph_toks, ref_toks)) if a != b), n_check)
+    diff = max([(a - b).abs().max().item() for a, b in zip(logits[:same + 1], ref_logits[:same + 1])])
+    scale = max(r.abs().max().item() for r in ref_logits)
+    rows.append(("decode check", f"triton (pdl={pdl}) vs eager torch: first {same}/{n_check} greedy tokens equal, "
+                 f"max|dlogit| {diff:.4f} (max|logit| {scale:.2f}); cuBLAS graph path: {same_graph}/{n_check}",
+                 diff, "abs", float("nan")))
+    _, forced, _ = run_decode(eng, emb, n_prompt, n_check, sync, logits=True, force=ref_toks)
+    fdiff = max((a - b).abs().max().item() for a, b in zip(forced, ref_logits))
+    agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(forced, ref_logits))
+    rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(forced, ref_logits))
+    rows.append(("decode check", f"teacher-forced {n_check} steps: argmax equal in {agree}, max|dlogit| "
+                 f"{fdiff:.4f}, max rel L2 {rel:.2e}", fdiff, "abs", float("nan")))
+    tuned = dict(eng.configs)
+    lines = []
+    for site, results in eng.tuning.items():
+        for cfg, sec in sorted(results, key=lambda r: r[1]):
+            lines.append(f"{site}\t{sec * 1e6:.1f} us\t{cfg}")
+    total = 0.0
+    for site, results in eng.tuning.items():
+        best_cfg, best = min(results, key=lambda r: r[1])
+        total += best
+        rows.append(("triton kernel (all layers)", f"{site}: {best_cfg}", best * 1e6, "us", float("nan")))
+    rows.append(("triton kernel (all layers)", "sum of the sites (excl. embed/argmax)", total * 1e6, "us",
+                 float("nan")))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "triton_tuning.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    del eng
+    variants = (("tuned", dict(configs=tuned, pdl=pdl)), ("tuned, no PDL", dict(configs=tuned, pdl=False)),
+                ("tuned, no register prefetch", dict(configs=tuned, pdl=pdl, prefetch=False)),
+                ("untuned defaults", dict(configs=DEFAULTS, pdl=pdl)))
+    for label, kw in variants:
+        try:
+            eng = TritonDecodeEngine(model, **kw)
+            eng.begin(n_prompt + n_new + 1)
+            eng.prepare()
+            for _ in range(2):                      # the first run warms up
+                toks2, _, sec = run_decode(eng, emb, n_prompt, n_new, sync)
+            tps = n_new / sec
+            rows.append(("decode", f"ours: Triton decode step ({label}; setup {setup:.1f} s), "
+                         f"tokens equal to checked run: {toks2[:n_check] == toks}", tps, "tok/s", tps / limit))
+            del eng
+        except Exception as exc:  # noqa: BLE001
+            rows.append(("decode", f"Triton {label} failed: {type(exc).__name__}: {exc}"[:160],
                          float("nan"), "", float("nan")))
 
 
@@ -209,6 +324,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny presets on CPU")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip later variants after this")
     ap.add_argument("--only", choices=("all", "encoder", "decode"), default="all")
+    ap.add_argument("--skip-hf", action="store_true", help="no transformers generate rows")
+    ap.add_argument("--variants", default="cublas,compile,triton",
+                    help="our decode variants: cublas (graph), compile, triton")
     args = ap.parse_args()
     start = time.perf_counter()
     import torch

@@ -1,24 +1,27 @@
 """Stage-2 training throughput at full size: tokens/s and MFU on one GPU (prints a table).
 
 so400m encoder + bluelm_3b_proxy LLM (2.72B), random init, bf16, everything trainable with
-SPEC 4's AdamW (ViT layer-wise LR decay 0.9), synthetic batches: each sample is ``--crops``
-crops of 384 px (196 visual tokens each after the 2x2 merge) + text up to ``--seq`` tokens.
-Engines: DeepSpeed ZeRO-2 (bf16, torch's fused AdamW) as the train job runs it, and a plain
-torch loop (bf16 autocast, fused AdamW) as a baseline / fallback where DeepSpeed cannot run.
-FLOPs are counted the way the train job counts them (bluelm_v.training.flops); peak = dense
-bf16 of the GPU (H100/H200 SXM 989 TFLOP/s) unless --peak-tflops is given.
+SPEC 4's AdamW (ViT layer-wise LR decay 0.9), synthetic unpadded batches: each sample is
+``--crops`` crops of 384 px (196 visual tokens each after the 2x2 merge) + text up to ``--seq``
+tokens. The step is the train job's: the speed options of ``bluelm_v.training.speed`` (the job's
+``train.compile`` / ``train.loss_chunk_tokens`` / ``train.sdpa_backend``), the DeepSpeed config
+of ``conf/deepspeed/NAME.yaml`` completed by ``bluelm_v.training.loop.deepspeed_config``, and the
+FLOP count of ``bluelm_v.training.flops`` (MFU = model FLOPs incl. full-square attention / peak;
+peak = dense bf16 of the GPU, H100/H200 SXM 989 TFLOP/s, unless --peak-tflops).
 
-Speed options (each a flag, or a key of one ``--variants`` entry): ``compile`` (torch.compile of
-every LLM decoder layer and encoder layer, regional: one graph reused by all layers), ``ce=chunked``
-(the LM head + cross-entropy in 2048-token chunks, gradients computed in the forward: no
-[tokens, 122753] fp32 logits are kept; FLOPs unchanged: 6 * tokens * V * D), ``zero`` (DeepSpeed
-ZeRO stage 1/2), ``accum_fp32`` (ZeRO-1 + fp32 gradient accumulation = DeepSpeed's BF16 optimizer).
-The plugins are not edited: the chunked loss wraps BlueLMV in this script (``ChunkedLossModel``).
+Variant keys (flags of the same name set the defaults; ``--variants "k=v,...;k=v,..."`` gives one
+row per entry, each in its own child process): engine (deepspeed | torch: plain loop, bf16 weights,
+fused AdamW, no master copy), ds (conf/deepspeed name), zero (stage), accum_fp32, overlap
+(overlap_comm), bucket (reduce/allgather bucket elements), torch_adam (0: DeepSpeed FusedAdam),
+mb, accum, compile, cmode (compile mode), ce (loss chunk tokens, 0 = transformers' loss), attn
+(sdpa backend), seq, crops, host (1: token ids on the host as in the job, splice planned there
+without device syncs), profile (1: one extra step under torch.profiler -> GPU time by kernel kind,
+GEMM and attention TFLOP/s, GPU idle time by the CPU work it waited on, host syncs per step;
+bluelm_v.training.profiling).
 
-    python bench/bench_train_gpu.py                                   # on a GPU: the full size
-    python bench/bench_train_gpu.py --tiny --steps 2 --warmup 1       # CPU smoke test of the script
-    python bench/bench_train_gpu.py --seq 4096 --crops 9 --variants \
-      "engine=deepspeed,zero=2,mb=1,accum=4;engine=deepspeed,zero=1,mb=2,accum=2,compile=1,ce=chunked"
+    python bench/bench_train_gpu.py --tiny --steps 2 --warmup 1            # CPU smoke test
+    python bench/bench_train_gpu.py --seq 4096 --crops 9 --steps 3 --warmup 2 --variants \\
+      "ds=zero2,mb=1,accum=8,compile=1,ce=2048,profile=1;ds=zero2,mb=1,accum=8,compile=1,ce=2048,attn=cudnn"
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ON = lambda v: str(v).strip().lower() not in ("0", "false", "", "no", "off")  # noqa: E731
 
 
 def build(args, device):
@@ -59,92 +65,35 @@ def batch(model, args, device, gen):
     text = args.seq - args.crops * model.tokens_per_crop + 1            # spliced length = args.seq
     if text < 8:
         raise SystemExit(f"--seq {args.seq} leaves no room for text after {args.crops} crops x {model.tokens_per_crop}")
-    ids = torch.randint(0, 256, (args.micro_batch, text), generator=gen).to(device)   # [B, T]
+    ids = torch.randint(0, 256, (args.micro_batch, text), generator=gen)   # [B, T]
     ids[:, 4] = IMAGE_TOKEN_ID
+    if not args.host_ids:                    # host ids: the job's path (splice planned on the host)
+        ids = ids.to(device)
     labels = ids.clone()
     labels[:, :5] = -100
     images = [torch.randn(args.crops, 3, 384, 384, generator=gen).to(device) for _ in range(args.micro_batch)]
-    return ids, labels, images
+    return {"input_ids": ids, "labels": labels, "images": images}
 
 
-def chunked_linear_ce():
-    """autograd Function: mean cross-entropy of ``hidden @ weight.T`` over non-ignored targets, in
-    row chunks; the gradients of hidden and weight are computed chunk by chunk in the forward, so
-    no [N, V] logits outlive a chunk (6*N*V*D FLOPs in all, like forward + backward)."""
-    import torch
+def ds_config(args, device) -> dict:
+    """conf/deepspeed/<args.ds>.yaml + the variant's overrides, completed as the train job does."""
+    import yaml
 
-    class ChunkedLinearCE(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, hidden, weight, targets, chunk: int):
-            # hidden [N, D], weight [V, D], targets [N] (-100 = ignored)
-            valid_all = targets != -100
-            count = valid_all.sum().clamp(min=1).float()
-            grad_h = torch.empty_like(hidden)                             # [N, D]
-            grad_w = torch.zeros_like(weight)                             # [V, D]
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk]                           # [c, D]
-                y = targets[start:start + chunk]                          # [c]
-                valid = (y != -100)
-                y0 = y.clamp(min=0)
-                logits = (h @ weight.t()).float()                         # [c, V] fp32
-                lse = torch.logsumexp(logits, dim=-1)                     # [c]
-                picked = logits.gather(1, y0[:, None]).squeeze(1)         # [c]
-                total += ((lse - picked) * valid).sum()
-                probs = logits.sub_(lse[:, None]).exp_()                  # [c, V] softmax, in place
-                probs[torch.arange(h.shape[0], device=h.device), y0] -= 1.0
-                probs.mul_((valid.float() / count)[:, None])
-                g = probs.to(hidden.dtype)                                # [c, V] d(mean loss)/d logits
-                del logits, probs
-                grad_h[start:start + chunk] = g @ weight                  # [c, D]
-                grad_w.addmm_(g.t(), h)                                   # [V, D]
-            ctx.save_for_backward(grad_h, grad_w)
-            return total / count
+    from bluelm_v.training.loop import deepspeed_config
 
-        @staticmethod
-        def backward(ctx, grad_out):
-            grad_h, grad_w = ctx.saved_tensors
-            return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
-
-    return ChunkedLinearCE
-
-
-def chunked_loss_model(model, chunk: int):
-    """Wrap BlueLMV (no plugin edits): encoder -> splice -> LLM body (no mask: rows are unpadded,
-    so sdpa runs causal flash) -> ChunkedLinearCE on the shifted labels."""
-    import torch
-
-    fn = chunked_linear_ce()
-
-    class ChunkedLossModel(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, labels, images):
-            m = self.inner
-            s = m.splice(input_ids, m.image_features(list(images)), None, labels)
-            lm = m.llm.model                                              # LlamaForCausalLM
-            hidden = lm.model(inputs_embeds=s.embeds, use_cache=False).last_hidden_state  # [B, L, D]
-            d = hidden.shape[-1]
-            h = hidden[:, :-1].reshape(-1, d)                             # [B*(L-1), D]
-            y = s.labels[:, 1:].reshape(-1)                               # [B*(L-1)]
-            return SimpleNamespace(loss=fn.apply(h, lm.get_output_embeddings().weight, y, chunk))
-
-    return ChunkedLossModel(model)
-
-
-def compile_layers(model) -> int:
-    """Regional torch.compile: each LLM decoder layer and encoder layer (same code -> one graph)."""
-    import torch
-
-    torch._dynamo.config.automatic_dynamic_shapes = False      # a new micro-batch shape recompiles static
-    n = 0
-    for layers in (model.llm.model.model.layers, model.encoder.layers):
-        for layer in layers:
-            layer.compile()
-            n += 1
-    return n
+    ds = yaml.safe_load((REPO / "conf" / "deepspeed" / f"{args.ds}.yaml").read_text())
+    zero = ds.setdefault("zero_optimization", {})
+    if args.zero is not None:
+        zero["stage"] = args.zero
+    if args.overlap is not None:
+        zero["overlap_comm"] = bool(args.overlap)
+    if args.bucket:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(float(args.bucket))
+    if args.accum_fp32:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    optim = {"lr": 1e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.05, "torch_adam": bool(args.torch_adam)}
+    return deepspeed_config({"deepspeed": ds, "micro_batch": args.micro_batch, "grad_accum": args.accum,
+                             "world_size": 1, "optim": optim}, device)
 
 
 def run_engine(kind: str, args, device) -> dict:
@@ -152,11 +101,9 @@ def run_engine(kind: str, args, device) -> dict:
 
     from bluelm_v.training.flops import StepFlops, device_peak_flops
     from bluelm_v.training.optim import build_param_groups
+    from bluelm_v.training.profiling import count_syncs, profile_step
+    from bluelm_v.training.speed import apply_speed_options
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     model = build(args, device)
     model.train()
     parts = ["encoder", "downsampler", "projector", "llm"]
@@ -165,35 +112,21 @@ def run_engine(kind: str, args, device) -> dict:
         g.pop("name"), g.pop("lr_scale")
     if args.checkpointing:
         model.llm.model.gradient_checkpointing_enable()
-    if args.compile:
-        compile_layers(model)
-    net = chunked_loss_model(model, args.ce_chunk) if args.ce == "chunked" else model
-    fused = device.type == "cuda"
+    net = apply_speed_options(model, {"compile": args.compile, "compile_mode": args.cmode,
+                                      "loss_chunk_tokens": args.ce, "sdpa_backend": args.attn})
+    cuda = device.type == "cuda"
+    ds = None
     if kind == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if fused else "gloo", auto_mpi_discovery=False)
-        params = {"lr": 1e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.05, "torch_adam": True}
-        if fused:
-            params["fused"] = True
-        zero = {"stage": args.zero, "overlap_comm": fused and args.zero == 2,
-                "contiguous_gradients": True, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
-        ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": args.accum,
-              "train_batch_size": args.micro_batch * args.accum, "gradient_clipping": 1.0,
-              "bf16": {"enabled": fused}, "zero_optimization": zero,
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
-              "optimizer": {"type": "AdamW", "params": params}}
-        if args.accum_fp32:
-            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        ds = ds_config(args, device)
         engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups, config=ds)
         fwd, backward, step = engine, engine.backward, engine.step
     else:
-        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=cuda)
         micro = {"n": 0}
-
-        def fwd(**kw):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fused):
-                return net(**kw)
+        fwd = net
 
         def backward(loss):
             (loss / args.accum).backward()
@@ -209,41 +142,65 @@ def run_engine(kind: str, args, device) -> dict:
     peak, src = device_peak_flops(device, args.peak_tflops)
     gen = torch.Generator().manual_seed(0)
     data = [batch(model, args, device, gen) for _ in range(2)]
+
+    from torch.profiler import record_function
+
+    def one_step(timer):
+        for a in range(args.accum):
+            timer.mark("other")
+            with record_function("phase:forward"):
+                out = fwd(**data[a % 2])
+            timer.mark("forward")
+            with record_function("phase:backward"):
+                backward(out.loss)
+            timer.mark("backward")
+            with record_function("phase:step"):
+                step()
+            timer.mark("step")
+        return out
+
     times, phases = [], []
     timer = PhaseTimer(device)
+    graphs = {}
     for s in range(args.warmup + args.steps):
+        if s == args.warmup:
+            graphs["before"] = compiled_graphs()
         sync(device)
         t0 = time.perf_counter()
         timer.reset()
-        for a in range(args.accum):
-            ids, labels, images = data[a % 2]
-            timer.mark("other")
-            out = fwd(input_ids=ids, labels=labels, images=images)
-            timer.mark("forward")
-            backward(out.loss)
-            timer.mark("backward")
-            step()
-            timer.mark("step")
+        out = one_step(timer)
         sync(device)
         if s >= args.warmup:
             times.append(time.perf_counter() - t0)
             phases.append(timer.totals())
     k = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
     dt = times[k]                                                        # median optimizer step
-    tokens = args.micro_batch * args.accum * args.seq
-    flops = flops_of(args.micro_batch * args.accum * args.crops, [args.seq] * (args.micro_batch * args.accum))
-    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    row = {"engine": kind, "step_s": dt, "tokens_per_s": tokens / dt, "tflops": flops / dt / 1e12,
-           "mfu": flops / dt / peak, "peak_gib": mem, "peak_src": src, "loss": float(out.loss.detach()),
-           "gpu_s": phases[k]}
-    del model, net, data, out
-    if kind == "deepspeed":
-        del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    n_samples = args.micro_batch * args.accum
+    tokens = n_samples * args.seq
+    flops = flops_of(n_samples * args.crops, [args.seq] * n_samples)
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+    row = {"engine": kind, "step_s": dt, "tokens_per_s": tokens / dt, "tokens_per_step": tokens,
+           "tflops": flops / dt / 1e12, "mfu": flops / dt / peak, "peak_gib": mem, "peak_src": src,
+           "loss": float(out.loss.detach()), "gpu_s": phases[k]}
+    row["graphs_compiled_while_timed"] = compiled_graphs() - graphs.get("before", 0)
+    g = phases[k]
+    row["mfu_fwd_bwd"] = flops / max(1e-9, g.get("forward", 0) + g.get("backward", 0)) / peak
+    if args.profile:
+        attn = flops_of.attention(n_samples * args.crops, [args.seq] * n_samples)
+        attn_work = flops_of.attention(n_samples * args.crops, [args.seq] * n_samples, causal_work=True)
+        row["profile"] = profile_step(lambda: one_step(PhaseTimer(device)), device, flops - attn, attn, attn_work)
+        row["profile"]["syncs_per_step"] = count_syncs(lambda: one_step(PhaseTimer(device)))
     return row
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made so far in this process (a count that moves while timing
+    means recompiles inside the timed steps)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"].get("unique_graphs", 0))
 
 
 class PhaseTimer:
@@ -282,10 +239,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-VARIANT_KEYS = {"engine": ("engines", str), "zero": ("zero", int), "mb": ("micro_batch", int),
-                "accum": ("accum", int), "compile": ("compile", lambda v: v not in ("0", "false", "")),
-                "ce": ("ce", str), "accum_fp32": ("accum_fp32", lambda v: v not in ("0", "false", "")),
-                "seq": ("seq", int), "crops": ("crops", int)}
+def _chunk(v: str) -> int:
+    return 2048 if v.strip() == "chunked" else 0 if v.strip() == "hf" else int(v)
+
+
+VARIANT_KEYS = {"engine": ("engines", str), "ds": ("ds", str), "zero": ("zero", int), "mb": ("micro_batch", int),
+                "accum": ("accum", int), "compile": ("compile", ON), "cmode": ("cmode", str), "ce": ("ce", _chunk),
+                "attn": ("attn", str), "accum_fp32": ("accum_fp32", ON), "overlap": ("overlap", ON),
+                "bucket": ("bucket", float), "torch_adam": ("torch_adam", ON), "seq": ("seq", int),
+                "crops": ("crops", int), "profile": ("profile", ON), "host": ("host_ids", ON)}
 
 
 def variants(args) -> list[tuple[str, argparse.Namespace]]:
@@ -295,6 +257,7 @@ def variants(args) -> list[tuple[str, argparse.Namespace]]:
     out = []
     for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
         v = argparse.Namespace(**vars(args))
+        v.engines = args.engines.split(",")[0]
         for item in spec.split(","):
             key, _, val = item.partition("=")
             if key.strip() not in VARIANT_KEYS:
@@ -306,7 +269,7 @@ def variants(args) -> list[tuple[str, argparse.Namespace]]:
     return out
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny encoder + LLM (CPU smoke test of this script)")
     ap.add_argument("--engines", default="deepspeed,torch")
@@ -318,17 +281,31 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpointing", action="store_true", help="LLM activation checkpointing")
     ap.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder + encoder layer")
-    ap.add_argument("--ce", choices=("hf", "chunked"), default="hf", help="loss: transformers' or chunked fused")
-    ap.add_argument("--ce-chunk", type=int, default=2048, help="tokens per chunk of the chunked loss")
-    ap.add_argument("--zero", type=int, choices=(1, 2), default=2, help="DeepSpeed ZeRO stage")
+    ap.add_argument("--cmode", default="default", help="compile mode (default | max-autotune-no-cudagraphs)")
+    ap.add_argument("--ce", type=_chunk, default=0, help="loss chunk tokens (0/hf: transformers' loss; chunked = 2048)")
+    ap.add_argument("--attn", default="auto", help="sdpa backend: auto | flash | cudnn | efficient | math")
+    ap.add_argument("--ds", default="zero2", help="conf/deepspeed/NAME.yaml")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="override the ZeRO stage")
     ap.add_argument("--accum-fp32", action="store_true", help="DeepSpeed fp32 gradient accumulation")
+    ap.add_argument("--overlap", type=ON, default=None, help="override zero_optimization.overlap_comm")
+    ap.add_argument("--bucket", type=float, default=None, help="reduce/allgather bucket size (elements)")
+    ap.add_argument("--torch-adam", type=ON, default=True, help="torch's fused AdamW (0: DeepSpeed FusedAdam)")
+    ap.add_argument("--host-ids", action="store_true", help="token ids/labels stay on the host, as in the train "
+                    "job (TrainStep plans the splice there: no device syncs); default: on the device")
+    ap.add_argument("--profile", action="store_true", help="one more step under torch.profiler: time by kernel kind")
     ap.add_argument("--variants", default="", help='rows "k=v,...;k=v,..." (keys: ' + ", ".join(VARIANT_KEYS) + ")")
     ap.add_argument("--budget-s", type=float, default=None, help="skip the variants left after this many s")
+    ap.add_argument("--deadline-s", type=float, default=None, help="children: killed at this many s in all")
+    ap.add_argument("--out", default=None, help="also write the rows (JSON lines) and the table here")
     ap.add_argument("--in-process", action="store_true",
                     help="run all variants in this process (default: one child process per variant, since "
                          "DeepSpeed engines and compiled layers keep GPU memory alive after they are deleted)")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.variants and ";" in args.variants.strip(" ;") and not args.in_process:
         return run_children(args)
     for key, val in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0",
@@ -353,7 +330,8 @@ def main() -> None:
         row.update(label=label, seq=v.seq, crops=v.crops, mb=v.micro_batch, accum=v.accum, wall_s=time.perf_counter() - t0)
         rows.append(row)
         print(ROW_TAG + json.dumps(row), flush=True)
-    print_table(rows)
+        gc.collect()
+    report(rows, args.out)
 
 
 ROW_TAG = "BENCH_ROW "
@@ -363,36 +341,60 @@ def run_children(args) -> None:
     """One child process per variant (clean GPU memory each time); collects their rows."""
     argv = sys.argv[1:]
     del argv[argv.index("--variants"):argv.index("--variants") + 2]
+    if "--out" in argv:
+        del argv[argv.index("--out"):argv.index("--out") + 2]
     rows, start = [], time.perf_counter()
     for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
         if args.budget_s and time.perf_counter() - start > args.budget_s:
             print(f"skipped (over --budget-s): {spec}", flush=True)
             continue
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--variants", spec + ";",
-                               "--in-process"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        found = [ln[len(ROW_TAG):] for ln in proc.stdout.splitlines() if ln.startswith(ROW_TAG)]
+        left = args.deadline_s - (time.perf_counter() - start) if args.deadline_s else None
+        if left is not None and left < 30:
+            print(f"skipped (past --deadline-s): {spec}", flush=True)
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--variants", spec + ";", "--in-process"]
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=left)
+            stdout, rc = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            stdout, rc = exc.stdout or "", "timeout"
+            stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+        found = [ln[len(ROW_TAG):] for ln in stdout.splitlines() if ln.startswith(ROW_TAG)]
         row = json.loads(found[-1]) if found else {"engine": spec, "label": spec, "seq": "?", "crops": "?",
                                                    "mb": "?", "accum": "?",
-                                                   "error": f"rc {proc.returncode}: {proc.stdout[-300:]}"}
+                                                   "error": f"rc {rc}: {stdout[-300:]}"}
         rows.append(row)
-        print(row, flush=True)
-    print_table(rows)
+        print(ROW_TAG + json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(Path(args.out).with_suffix(".jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+    report(rows, args.out)
 
 
-def print_table(rows) -> None:
-    print("\n| variant | seq | mb x accum | step (s) | tokens/s | model TFLOP/s | MFU | peak GPU mem (GiB) "
-          "| GPU s fwd / bwd / step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def report(rows, out: str | None) -> None:
+    lines = ["| variant | seq | mb x accum | tokens/step | step (s) | tokens/s | model TFLOP/s | MFU "
+             "| MFU fwd+bwd only | peak GPU mem (GiB) | GPU s fwd / bwd / step | graphs while timed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['label']} | {r['seq']} ({r['crops']} crops) | {r['mb']} x {r['accum']} "
         if "error" in r:
-            print(head + f"| failed: {r['error']} | | | | | |")
-        else:
-            g = r["gpu_s"]
-            print(head + f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | "
-                  f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {g.get('forward', 0):.3f} / "
-                  f"{g.get('backward', 0):.3f} / {g.get('step', 0):.3f} |")
-    print(f"peak: {next((r['peak_src'] for r in rows if 'peak_src' in r), '?')}")
+            lines.append(head + f"| failed: {r['error']} | | | | | | | | |")
+            continue
+        g = r["gpu_s"]
+        lines.append(head + f"| {r['tokens_per_step']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | "
+                     f"{100 * r['mfu']:.1f}% | {100 * r['mfu_fwd_bwd']:.1f}% | {r['peak_gib']:.1f} | "
+                     f"{g.get('forward', 0):.3f} / {g.get('backward', 0):.3f} / {g.get('step', 0):.3f} | "
+                     f"{r.get('graphs_compiled_while_timed', 0)} |")
+    lines.append(f"peak: {next((r['peak_src'] for r in rows if 'peak_src' in r), '?')}")
+    for r in rows:
+        if r.get("profile"):
+            lines.append(f"profile of one step, {r['label']}: {json.dumps(r['profile'])}")
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     python -m bluelm_v.launch +experiment=train_tiny train.stage=1          # stage 1 only
     python -m bluelm_v.launch +experiment=train_tiny train.stage=2 train.init_projector=RUN/stage1/.../projector.safetensors
     python -m bluelm_v.launch +experiment=train_tiny deepspeed=zero3        # any conf/deepspeed/*.yaml
+    python -m bluelm_v.launch +experiment=train_tiny train.compile=true train.loss_chunk_tokens=2048
 
 Stage 1 trains the projector (+ downsampler) with encoder and LLM frozen (their weights are
 checked bit-identical afterwards) at one fixed crop (tiler `single`); stage 2 trains everything
@@ -17,6 +18,8 @@ Train every ``train.checkpoint_every`` steps and resuming from the last checkpoi
 worker failure (``train.max_failures``). Per-step metrics (loss, lr, grad norm, tokens/s,
 skipped samples, MFU) go to the job's loggers and RUN_DIR/metrics.jsonl; summary.json holds per
 stage figures, the stage-1 projector path, and the held-out accuracy with its chance level.
+Step speed options (bluelm_v/training/speed.py): ``train.compile`` (regional torch.compile),
+``train.loss_chunk_tokens`` (chunked LM head + cross-entropy), ``train.sdpa_backend``.
 """
 from __future__ import annotations
 
@@ -73,6 +76,14 @@ def validate(cfg, registry) -> None:
             node = t.data[f"stage{n}"]
             if not node.get("json") or not Path(node.json).is_file():
                 raise ConfigError(f"train.data.stage{n}.json: LLaVA-format file {node.get('json')!r} not found")
+    from bluelm_v.training.speed import COMPILE_MODES, SDPA_BACKENDS
+
+    if int(t.get("loss_chunk_tokens") or 0) < 0:
+        raise ConfigError(f"train.loss_chunk_tokens: {t.loss_chunk_tokens} must be >= 0 (0 = transformers' loss)")
+    if str(t.get("compile_mode") or "default") not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode: {t.compile_mode!r} must be one of {COMPILE_MODES}")
+    if str(t.get("sdpa_backend") or "auto") not in SDPA_BACKENDS:
+        raise ConfigError(f"train.sdpa_backend: {t.sdpa_backend!r} must be one of {SDPA_BACKENDS}")
     if t.get("init_projector") and not Path(t.init_projector).is_file():
         raise ConfigError(f"train.init_projector: {t.init_projector!r} not found")
 
@@ -117,6 +128,9 @@ def stage_config(cfg, n: int, data: dict, run_dir: Path, init_projector: str | N
         "steps": s.get("steps"), "epochs": s.get("epochs"),
         "micro_batch": int(s.micro_batch), "grad_accum": int(s.grad_accum),
         "deepspeed": plain(cfg.deepspeed), "checkpoint_every": int(t.checkpoint_every),
+        "speed": {"compile": bool(t.get("compile", False)), "compile_mode": str(t.get("compile_mode") or "default"),
+                  "loss_chunk_tokens": int(t.get("loss_chunk_tokens") or 0),
+                  "sdpa_backend": str(t.get("sdpa_backend") or "auto")},
         "init_projector": init_projector if n == 2 else None,
         "save_model": bool(t.save_model) and n == 2, "peak_tflops": t.get("peak_tflops"),
         "threads_per_worker": max(1, int(t.cpus_per_worker)),

@@ -58,6 +58,14 @@ class StepFlops:
         }
         return sum(f * (1.0 + self.backward[p]) for p, f in fwd.items())
 
+    def attention(self, crops: int, seq_lengths: list[int], causal_work: bool = False) -> float:
+        """The attention-score part of ``self(crops, seq_lengths)`` (QK^T and AV, forward + backward);
+        ``causal_work``: the LLM's causal half that a flash kernel actually computes instead of
+        the counted full square. The rest of a step's model FLOPs are matmuls with weights."""
+        enc = crops * self.enc_layers * 4.0 * self.enc_tokens ** 2 * self.enc_width
+        llm = sum(self.llm_layers * 4.0 * s * s * self.llm_width for s in seq_lengths) * (0.5 if causal_work else 1.0)
+        return enc * (1.0 + self.backward["encoder"]) + llm * (1.0 + self.backward["llm"])
+
 
 def device_peak_flops(device, peak_tflops: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of one worker's device, where the figure came from)."""

@@ -41,6 +41,15 @@ def build_model(config: dict, registry, device):
     return model.to(device)
 
 
+def eager_if(flag: bool):
+    """A context running compiled modules eagerly when ``flag`` (no recompiles per new shape)."""
+    import contextlib
+
+    import torch
+
+    return torch.compiler.set_stance("force_eager") if flag else contextlib.nullcontext()
+
+
 def gathered_state(engine, module) -> dict:
     """A CPU copy of ``module``'s state (ZeRO-3 partitions gathered first; collective)."""
     import deepspeed
@@ -112,6 +121,7 @@ def train_stage(config: dict) -> None:
     from bluelm_v.training.flops import StepFlops, device_peak_flops
     from bluelm_v.training.optim import (build_param_groups, freeze_except, lr_multiplier, set_lr,
                                          warmup_steps_for)
+    from bluelm_v.training.speed import apply_speed_options
 
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -131,6 +141,8 @@ def train_stage(config: dict) -> None:
     freeze_except(model, trainable)
     model.train()
     base_digest = digests(None, model, ("encoder", "llm"))      # before any optimizer step
+    speed = dict(config.get("speed") or {})
+    net = apply_speed_options(model, speed)                    # TrainStep: BlueLMV + loss path
     opt = config["optim"]
     groups = build_param_groups(model, trainable, opt["lr"], opt["weight_decay"], opt.get("layer_decay", 1.0))
     scales = [g.pop("lr_scale") for g in groups]
@@ -138,7 +150,7 @@ def train_stage(config: dict) -> None:
         g.pop("name")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups,
                                            config=deepspeed_config({**config, "world_size": world}, device))
 
     tok = model.tokenizer
@@ -175,22 +187,24 @@ def train_stage(config: dict) -> None:
         lr = set_lr(engine.optimizer, float(opt["lr"]), scales,
                     lr_multiplier(step, total, warmup, float(opt.get("min_lr_ratio", 0.0))))
         t0 = time.perf_counter()
-        loss_sum, tokens, flops = 0.0, 0, 0.0
+        loss_sum, tokens, flops = torch.zeros((), dtype=torch.float64, device=device), 0, 0.0
         for a in range(accum):
             items = [ds[i] for i in plan.indices(step * accum + a)]
             batch = collate(items, tok.pad_token_id)
-            out = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         labels=batch["labels"].to(device), images=[im.to(device) for im in batch["images"]])
+            # host tensors: TrainStep plans the image splice on the host and copies without syncs
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], images=batch["images"])
             engine.backward(out.loss)
             engine.step()
-            loss_sum += float(out.loss.detach())
+            loss_sum += out.loss.detach()                          # stays on the device: no sync per micro-step
             tokens += batch["llm_tokens"]
             flops += flops_of(batch["crops"], [it["length"] for it in items])
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         runtime_skipped = sum(ds.skipped.values()) - prescan_skipped
-        agg = torch.tensor([loss_sum / accum, tokens, flops, runtime_skipped, dt], dtype=torch.float64, device=device)
+        agg = torch.tensor([0.0, tokens, flops, runtime_skipped, dt], dtype=torch.float64, device=device)
+        agg[0] = loss_sum / accum
         dist.all_reduce(agg)
         grad_norm = engine.get_global_grad_norm()
         step_time = agg[4].item() / world
@@ -215,8 +229,9 @@ def train_stage(config: dict) -> None:
     final["frozen_unchanged"] = {p: after[p] == base_digest[p] for p in frozen}
     if config.get("eval_json"):
         records = load_records(config["eval_json"])[: config.get("eval_max_samples") or None]
-        final["eval"] = evaluate(engine.module, records, config["eval_image_root"], tiler, tok, rank, world,
-                                 int(config["eval_max_new_tokens"]), device, system=data.get("system"))
+        with eager_if(bool(speed.get("compile"))):             # decoding changes shapes every token
+            final["eval"] = evaluate(model, records, config["eval_image_root"], tiler, tok, rank, world,
+                                     int(config["eval_max_new_tokens"]), device, system=data.get("system"))
     connector = {f"{p}.{k}": v for p in ("projector", "downsampler")
                  for k, v in gathered_state(engine, getattr(model, p)).items()}
     full = gathered_state(engine, model) if config.get("save_model") else None

@@ -1,0 +1,147 @@
+"""Training step speed options (bluelm_v/training/speed.py): the chunked LM-head + cross-entropy
+gives transformers' loss and the same gradients on the tiny model (padded batch, mask dropped),
+its compile-ready formulation computes the same function, and the config keys are validated."""
+from __future__ import annotations
+
+import pytest
+
+from bluelm_v.chat import IMAGE_TOKEN_ID
+
+
+def _tiny_model():
+    import torch
+
+    from bluelm_v.model import BlueLMV
+    from bluelm_v.plugin_manager import get
+
+    torch.manual_seed(0)
+    cfg = {"encoder": {"name": "siglip", "preset": "tiny", "pipelined": False, "image_size": 112},
+           "downsampler": {"name": "vila_2x2"}, "projector": {"name": "mlp2x_gelu"},
+           "llm": {"name": "hf_causal", "preset": "tiny"}}
+    return BlueLMV.from_config(cfg, get()[1]).train()
+
+
+def _padded_batch(gen):
+    """Two right-padded rows of different lengths, one image each, labels on the text only."""
+    import torch
+
+    from bluelm_v.training.data import collate
+
+    items = []
+    for n, crops in ((23, 1), (11, 2)):
+        ids = torch.randint(3, 250, (n,), generator=gen).tolist()
+        ids[2] = IMAGE_TOKEN_ID
+        labels = [-100] * 4 + ids[4:]
+        items.append({"input_ids": ids, "labels": labels, "length": n,
+                      "images": [torch.randn(crops, 3, 112, 112, generator=gen)]})
+    return collate(items, pad_id=0)
+
+
+def _loss_and_grads(step, batch):
+    step.zero_grad(set_to_none=True)
+    loss = step(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"], images=batch["images"]).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+
+
+def test_chunked_loss_matches_transformers_loss_and_grads_on_padded_batch():
+    import torch
+
+    from bluelm_v.training.speed import train_step_module
+
+    model = _tiny_model()
+    batch = _padded_batch(torch.Generator().manual_seed(1))
+    assert batch["attention_mask"].min() == 0                          # real padding in the batch
+    ref_loss, ref_grads = _loss_and_grads(train_step_module(model, 0), batch)
+    loss, grads = _loss_and_grads(train_step_module(model, 7), batch)   # 7-token chunks: several + a remainder
+    assert torch.isfinite(ref_loss) and loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for part in ("encoder", "projector", "llm"):
+        assert any(n.startswith(f"model.{part}.") for n in grads), part   # gradients reach every part
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    for name, g in grads.items():   # relative, with an absolute floor (k_proj.bias grads are ~0 by symmetry)
+        ref = ref_grads[name]
+        assert (g - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6 * scale, name
+
+
+def test_fused_chunk_formulation_equals_eager_one():
+    import torch
+
+    from bluelm_v.training.speed import ce_chunk_eager, ce_chunk_fused
+
+    gen = torch.Generator().manual_seed(2)
+    h, w = torch.randn(9, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    y = torch.randint(0, 50, (9,), generator=gen)
+    y[[0, 5]] = -100
+    inv = torch.tensor(1.0 / 7)
+    l1, g1 = ce_chunk_eager(h, w, y, inv, True)
+    l2, g2 = ce_chunk_fused(h, w, y, inv, True)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    assert torch.allclose(g1, g2, atol=1e-6) and g1[[0, 5]].abs().max() == 0
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=-100, reduction="sum")
+    assert float(l1) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_host_splice_plan_equals_model_splice():
+    import torch
+
+    from bluelm_v.training.splice import SplicePlan
+
+    model = _tiny_model()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 250, (3, 12), generator=gen)
+    ids[0, [2, 7]] = IMAGE_TOKEN_ID                                     # two images in row 0
+    ids[2, 0] = IMAGE_TOKEN_ID                                          # row 1: text only
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 6:] = 0
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    feats = [torch.randn(n, model.hidden_size, generator=gen) for n in (5, 3, 4)]
+    ref = model.splice(ids, feats, mask, labels)
+    plan = SplicePlan.build(ids, mask, labels, [f.shape[0] for f in feats])
+    got = plan.embeds(model.llm.embed(ids.clamp(min=0)), torch.cat(feats))
+    assert got.shape == ref.embeds.shape and torch.equal(got, ref.embeds)
+    assert torch.equal(plan.attention_mask, ref.attention_mask) and torch.equal(plan.labels, ref.labels)
+    assert plan.right_padded
+    with pytest.raises(Exception, match="placeholder"):
+        SplicePlan.build(ids, mask, labels, [5, 3])
+
+
+def test_right_padded_detects_left_padding():
+    import torch
+
+    from bluelm_v.training.speed import right_padded
+
+    assert right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize("override, key", [("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens"),
+                                           ("train.sdpa_backend=fast", "train.sdpa_backend"),
+                                           ("train.compile_mode=turbo", "train.compile_mode")])
+def test_bad_speed_options_are_config_errors(compose, override, key):
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.jobs.train import validate
+    from bluelm_v.plugin_manager import get
+
+    cfg = compose(["+experiment=train_tiny", override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg, get()[1])
+
+
+def test_chunked_loss_with_frozen_llm_trains_only_the_projector_like_the_plain_loss():
+    import torch
+
+    from bluelm_v.training.optim import freeze_except
+    from bluelm_v.training.speed import train_step_module
+
+    model = _tiny_model()
+    freeze_except(model, ["projector"])                                  # stage 1: the head is frozen
+    batch = _padded_batch(torch.Generator().manual_seed(3))
+    ref_loss, ref_grads = _loss_and_grads(train_step_module(model, 0), batch)
+    loss, grads = _loss_and_grads(train_step_module(model, 5), batch)
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and all(n.startswith("model.projector.") for n in grads)
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-7), name
