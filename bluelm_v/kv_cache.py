@@ -58,6 +58,6 @@ def kv_cache_kind(hf_model) -> str:
 def allocate_static(hf_model, layers: int, kv_heads: int, head_dim: int, max_len: int, dtype, device):
     """The static cache the model asks for: INT8 (kv8) or in the model dtype."""
     if kv_cache_kind(hf_model) == "int8":
-        from .quant.kv_cache import Int8StaticKVCache
+        from .quant.kv_static import Int8StaticKVCache
         return Int8StaticKVCache.allocate(layers, kv_heads, head_dim, max_len, dtype, device)
     return KVCache.allocate(layers, kv_heads, head_dim, max_len, dtype, device)

@@ -41,6 +41,8 @@ def validate(cfg, registry) -> None:
     job = cfg.job
     if job.prefill_chunk < 1 or job.decode_tokens < 0 or job.prompt_tokens < 1:
         raise ConfigError("job.prefill_chunk: prefill_chunk >= 1, prompt_tokens >= 1 and decode_tokens >= 0 needed")
+    if job.get("schedule", "staged") not in ("staged", "together"):
+        raise ConfigError(f"job.schedule: {job.schedule!r}; use staged or together")
     if len(job.image_size) != 2 or min(job.image_size) < 1:
         raise ConfigError(f"job.image_size: expected [width, height], got {list(job.image_size)}")
 
@@ -51,6 +53,8 @@ def checkpoint_dir(cfg) -> Path:
         return Path(cfg.job.checkpoint_dir)
     key_src = {k: OmegaConf.to_container(cfg[k], resolve=True)
                for k in ("encoder", "downsampler", "projector", "llm", "quantizer")}
+    for part in ("encoder", "llm"):        # native and transformers trees hold the same tensors
+        key_src[part].pop("implementation", None)
     key_src["seed"] = cfg.get("seed", 0)
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(os.environ.get("BLUELM_V_CACHE") or Path.home() / ".cache" / "bluelm_v")
@@ -144,5 +148,6 @@ def run(ctx) -> dict:
         "checkpoint": str(directory), "checkpoint_bytes": {k: v["bytes"] for k, v in build["files"].items()},
         "checkpoint_reused": build["reused"], "build_s": build.get("build_s"),
         "run_wall_s": round(time.perf_counter() - t0, 1),
-        "threads": worker["threads"], "engine": worker["engine"],
+        "threads": worker["threads"], "engine": worker["engine"], "schedule": worker["schedule"],
+        "transformers_imported": worker["transformers_imported"], "heavy_imports": worker["heavy_imports"],
     }

@@ -2,26 +2,43 @@
 
     python -m bluelm_v.jobs.memory_worker RUN_DIR/config.yaml CHECKPOINT_DIR OUT.json
 
-Loads the quantised pipeline (ViT + LLM together), encodes one image, releases the ViT,
-prefills in chunks, decodes, and writes its own peak RSS and the RSS after every stage to OUT.json.
+``job.schedule: staged`` (the deployment order): load the ViT + projector, encode the image,
+release them, only then load the LLM, prefill in chunks and decode, so the peak is the larger of
+the two phases, not their sum. ``together``: ViT and LLM loaded up front (the naive order).
+Writes its own peak RSS and the RSS after every stage to OUT.json. With ``implementation:
+native`` parts (the memory experiment) this process never imports transformers.
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
 import sys
 import time
 
+VISION_PARTS = ("encoder", "downsampler", "projector")
+HEAVY_MODULES = ("transformers", "torch._dynamo", "sympy", "scipy")   # each costs tens of MB resident
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        import os
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def release_heap() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc malloc_trim)."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Stages:
@@ -31,6 +48,10 @@ class Stages:
     def mark(self, name: str) -> None:
         self.rows[name] = {"rss_mb": round(rss_mb(), 1), "peak_so_far_mb": round(peak_mb(), 1),
                            "t_s": round(time.perf_counter() - self.t0, 2)}
+
+    def peak_stage(self, peak: float) -> str:
+        """The first stage whose peak-so-far reached the final peak (the peak happened in it)."""
+        return next(n for n, r in self.rows.items() if r["peak_so_far_mb"] >= peak - 0.5)
 
 
 def prompt_of_length(gen, tokenizer, n_visual: int, total: int) -> list[int]:
@@ -46,25 +67,34 @@ def prompt_of_length(gen, tokenizer, n_visual: int, total: int) -> list[int]:
     return ids[:at] + filler * (total - base) + ids[at:]
 
 
+def load_photo(path, size):
+    """``path`` or scikit-image's astronaut photo (read as a file: importing skimage.data pulls
+    in scipy, ~30 MB the measured process should not carry), resized to ``size`` (w, h)."""
+    import importlib.util
+
+    from PIL import Image
+
+    if not path:
+        spec = importlib.util.find_spec("skimage")
+        path = os.path.join(spec.submodule_search_locations[0], "data", "astronaut.png")
+    return Image.open(path).convert("RGB").resize(tuple(size), Image.BICUBIC)
+
+
 def main(config_path: str, ckpt: str, out_path: str) -> None:
     stages = Stages()
     stages.mark("python")
     import numpy as np
     import torch
     from omegaconf import OmegaConf
-    from PIL import Image
-
-    import transformers.models.llama.modeling_llama  # noqa: F401 -- import cost belongs to "imports"
-    import transformers.models.siglip.modeling_siglip  # noqa: F401
 
     from bluelm_v import plugin_manager
-    from bluelm_v.quant.kv_cache import kv_cache_nbytes
     from bluelm_v.quant.schemes import kv_cache_kind, weight_bytes
     from bluelm_v.quant.streaming import build_meta_model, materialize_remaining, release_module
     from bluelm_v.runtime import Generator
 
     cfg = OmegaConf.load(config_path)
     job = cfg.job
+    staged = job.get("schedule", "staged") == "staged"
     if job.threads:
         torch.set_num_threads(int(job.threads))
     _, registry, _ = plugin_manager.from_config(cfg)
@@ -74,37 +104,38 @@ def main(config_path: str, ckpt: str, out_path: str) -> None:
 
     model = build_meta_model(cfg, registry)
     quantizer = registry.create_from_config("quantizer", cfg.quantizer)
-    quantizer.load(model, ckpt)                      # ViT + projector + LLM, read straight into place
-    materialize_remaining(model)                     # rotary tables, position ids
+    quantizer.prepare(model)                          # quantised structure, still on meta
+    quantizer.load_parts(model, ckpt, VISION_PARTS if staged else None)
+    for part in (VISION_PARTS if staged else (*VISION_PARTS, "llm")):
+        materialize_remaining(getattr(model, part))   # position ids, rotary tables
     weights = {p: weight_bytes(getattr(model, p))["total"] for p in ("encoder", "downsampler", "projector", "llm")}
-    stages.mark("loaded")
+    stages.mark("vision_loaded" if staged else "loaded")
 
-    w, h = (int(v) for v in job.image_size)
-    if job.image:
-        image = Image.open(job.image).convert("RGB")
-    else:
-        from skimage import data          # a real photo shipped by scikit-image
-        image = Image.fromarray(data.astronaut())
-    image = image.resize((w, h), Image.BICUBIC)
-    crops = model.tiler.transform(image)
-    kv_int8 = kv_cache_kind(model.llm.model) == "int8"
-    gen = Generator(model, prefill_chunk=int(job.prefill_chunk), release_encoder=True, engine=job.engine)
+    crops = model.tiler.transform(load_photo(job.image, job.image_size))
+    n_crops, grid = int(crops.pixels.shape[0]), list(crops.grid)
     t = time.perf_counter()
-    feats = gen.encode_image(crops.pixels).result()["features"]            # [K*196, D]
+    feats = model.encode_images(crops.pixels)                               # [K*196, D]
     encode_s = time.perf_counter() - t
+    del crops
     stages.mark("encoded")
-    gen.release_encoder()
-    release_module(model.encoder)
-    release_module(model.projector)
-    gc.collect()
-    stages.mark("encoder_released")
+    for part in VISION_PARTS:
+        release_module(getattr(model, part))
+    release_heap()
+    stages.mark("vision_released")
 
+    if staged:
+        quantizer.load_parts(model, ckpt, ("llm",))
+        materialize_remaining(model.llm)
+        weights["llm"] = weight_bytes(model.llm)["total"]
+        stages.mark("llm_loaded")
+    gen = Generator(model, prefill_chunk=int(job.prefill_chunk), engine=job.engine)
+    gen.encoder_released = True
+    kv_int8 = kv_cache_kind(model.llm.model) == "int8"
     ids = prompt_of_length(gen, model.tokenizer, int(feats.shape[0]), int(job.prompt_tokens))
     embeds = gen.embed_prompt(ids, [feats])                                # [1, L, D]
     del feats
     eng = gen.engine
-    max_len = embeds.shape[1] + int(job.decode_tokens) + 1
-    eng.begin(max_len)                             # the engine allocates the INT8 cache when kv8 marked the LLM
+    eng.begin(embeds.shape[1] + int(job.decode_tokens) + 1)   # the INT8 cache when kv8 marked the LLM
     t = time.perf_counter()
     logits = eng.prefill(embeds, int(job.prefill_chunk))
     prefill_s = time.perf_counter() - t
@@ -116,24 +147,27 @@ def main(config_path: str, ckpt: str, out_path: str) -> None:
         tok = eng.step(tok)                        # every step, EOS or not: a fixed amount of work
     decode_s = time.perf_counter() - t
     stages.mark("decoded")
-    cache = getattr(eng, "cache", None)
-    kv_bytes = getattr(eng, "cache_bytes", 0) or (kv_cache_nbytes(cache) if cache is not None else 0)
+    kv_bytes = int(getattr(eng, "cache_bytes", 0) or 0)
 
     peak = peak_mb()
-    rows = stages.rows
-    at_peak = next(n for n, r in rows.items() if r["peak_so_far_mb"] >= peak - 0.5)
+    rows, at_peak = stages.rows, stages.peak_stage(peak)
     runtime_mb = rows["imports"]["rss_mb"]
-    llm_mb, vis_mb = weights["llm"] / 2**20, (weights["encoder"] + weights["projector"]) / 2**20
+    llm_mb, vis_mb = weights["llm"] / 2**20, sum(weights[p] for p in VISION_PARTS) / 2**20
+    vision_phase = at_peak in ("vision_loaded", "loaded", "encoded")
+    llm_at_peak = 0.0 if (staged and vision_phase) else llm_mb
     kv_mb = kv_bytes / 2**20 if at_peak in ("prefilled", "decoded") else 0.0
-    vis_at_peak = vis_mb if at_peak in ("loaded", "encoded") else 0.0
-    breakdown = {"python_torch_transformers": round(runtime_mb, 1), "llm_weights": round(llm_mb, 1),
+    vis_at_peak = vis_mb if vision_phase else 0.0
+    breakdown = {"python_torch": round(runtime_mb, 1), "llm_weights": round(llm_at_peak, 1),
                  "vision_weights": round(vis_at_peak, 1), "kv_cache": round(kv_mb, 1),
-                 "activations_and_allocator": round(peak - runtime_mb - llm_mb - vis_at_peak - kv_mb, 1),
+                 "activations_and_allocator": round(peak - runtime_mb - llm_at_peak - vis_at_peak - kv_mb, 1),
                  "peak_reached_during": at_peak}
     out = {"peak_rss_mb": peak, "stages": rows, "breakdown": breakdown, "weight_bytes": weights,
-           "kv_cache_bytes": kv_bytes, "kv_cache": type(cache).__name__, "kv8_marked": kv_int8, "engine": eng.name,
-           "crops": int(crops.pixels.shape[0]), "grid": list(crops.grid), "prompt_tokens": len(ids) - 1 + int(
-               crops.pixels.shape[0]) * model.tokens_per_crop, "visual_tokens": int(crops.pixels.shape[0]) * model.tokens_per_crop,
+           "schedule": "staged" if staged else "together",
+           "kv_cache_bytes": kv_bytes, "kv_cache": type(getattr(eng, "cache", None)).__name__, "kv8_marked": kv_int8,
+           "engine": eng.name, "transformers_imported": "transformers" in sys.modules,
+           "heavy_imports": [m for m in HEAVY_MODULES if m in sys.modules],
+           "crops": n_crops, "grid": grid, "prompt_tokens": len(ids) - 1 + n_crops * model.tokens_per_crop,
+           "visual_tokens": n_crops * model.tokens_per_crop,
            "decode_tokens": int(job.decode_tokens), "threads": torch.get_num_threads(),
            "timings": {"encode_s": round(encode_s, 2), "prefill_s": round(prefill_s, 2), "decode_s": round(decode_s, 2),
                        "decode_tokens_per_s": round(int(job.decode_tokens) / max(decode_s, 1e-9), 2)},

@@ -41,8 +41,14 @@ def _siglip_class():
         def __init__(self, preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = True,
                      feature_layer: int = -2, path: str | None = None, dtype: str = "float32",
                      attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0,
-                     image_size: int | None = None):
+                     image_size: int | None = None, implementation: str = "transformers"):
             super().__init__()
+            if implementation == "native":
+                if path:
+                    raise ValueError("implementation native builds random-init presets; use "
+                                     "implementation: transformers to load a checkpoint from path")
+                self._init_native(preset, image_size, feature_layer, tiles_per_batch, pipelined, dtype, device, seed)
+                return
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
             if path:
@@ -60,11 +66,7 @@ def _siglip_class():
                 with torch.device("meta"):
                     full = SiglipVisionModel(config)
             tower = getattr(full, "vision_model", full)   # transformers < 5 wraps the tower
-            n_layers = config.num_hidden_layers
-            keep = feature_layer % (n_layers + 1) if feature_layer < 0 else feature_layer
-            if not 1 <= keep <= n_layers:
-                raise ValueError(f"feature_layer={feature_layer} is outside 1..{n_layers} "
-                                 f"(or -1..-{n_layers})")
+            keep = _kept_layers(feature_layer, config.num_hidden_layers)
             self.embeddings = tower.embeddings
             self.layers = torch.nn.ModuleList(list(tower.encoder.layers)[:keep])
             self.config, self.tiles_per_batch, self.pipelined = config, int(tiles_per_batch), pipelined
@@ -78,6 +80,23 @@ def _siglip_class():
             del full, tower
 
         # -- the two stages the pipeline overlaps ------------------------------------------
+        def _init_native(self, preset, image_size, feature_layer, tiles_per_batch, pipelined, dtype, device, seed):
+            """The same tower from bluelm_v.native (no transformers import), same parameter names."""
+            from bluelm_v.native import siglip_tower
+
+            geometry = dict(SIGLIP_PRESETS[preset])
+            if image_size:
+                geometry["image_size"] = int(image_size)
+            n_layers = geometry["num_hidden_layers"]
+            keep = _kept_layers(feature_layer, n_layers)
+            with torch.device("meta"):                 # allocated once, in dtype, by _materialise
+                config, self.embeddings, self.layers = siglip_tower(**geometry, keep_layers=keep)
+            self.config, self.tiles_per_batch, self.pipelined = config, int(tiles_per_batch), pipelined
+            self.hidden_size, self.image_size, self.patch_size = config.hidden_size, config.image_size, config.patch_size
+            self.num_tokens = (config.image_size // config.patch_size) ** 2
+            if device != "meta":
+                _materialise(self, config, torch_dtype(dtype), device, seed)
+
         def embed(self, pixels):
             """[k,3,B,B] -> [k,T,C]: the patch-embedding Conv2D + position embedding."""
             return self.embeddings(pixels.to(self.embeddings.patch_embedding.weight.dtype))
@@ -141,6 +160,14 @@ def _siglip_class():
     return SiglipEncoder
 
 
+def _kept_layers(feature_layer: int, n_layers: int) -> int:
+    """How many transformer layers run: up to the feature layer (-2: all but the last)."""
+    keep = feature_layer % (n_layers + 1) if feature_layer < 0 else feature_layer
+    if not 1 <= keep <= n_layers:
+        raise ValueError(f"feature_layer={feature_layer} is outside 1..{n_layers} (or -1..-{n_layers})")
+    return keep
+
+
 def _materialise(module, config, dtype, device, seed: int):
     """Allocate a meta-built module on ``device`` and initialise it module by module (no fp32
     copy is ever made of weights built in bf16)."""
@@ -173,13 +200,14 @@ def _normal_(tensor, std: float, gen):
 def siglip(preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = True,
            feature_layer: int = -2, path: str | None = None, dtype: str = "float32",
            attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0,
-           image_size: int | None = None):
+           image_size: int | None = None, implementation: str = "transformers"):
     """SigLIP vision tower (transformers), penultimate-layer features, batched + pipelined tiles.
-    ``image_size`` overrides the preset's tile size (a multiple-of-14 side keeps every pixel seen)."""
+    ``image_size`` overrides the preset's tile size (a multiple-of-14 side keeps every pixel seen).
+    ``implementation: native`` builds the same tower from bluelm_v.native (no transformers import)."""
     return _siglip_class()(preset=preset, tiles_per_batch=tiles_per_batch, pipelined=pipelined,
                            feature_layer=feature_layer, path=path, dtype=dtype,
                            attn_implementation=attn_implementation, device=device, seed=seed,
-                           image_size=image_size)
+                           image_size=image_size, implementation=implementation)
 
 
 @hookimpl
@@ -190,4 +218,4 @@ def bluelm_v_register(registry):
                     "tiles_per_batch + pipelined patch embedding",
         ranges={"tiles_per_batch": (1, None), "image_size": (14, 4096)},
         choices={"preset": tuple(SIGLIP_PRESETS), "dtype": DTYPES,
-                 "attn_implementation": ("sdpa", "eager")})
+                 "attn_implementation": ("sdpa", "eager"), "implementation": ("transformers", "native")})

@@ -113,13 +113,17 @@ def _save_dequantised(model, tok, cached: Path, gguf: Path) -> None:
         os.replace(tmp, cached)
 
 
-def _build_random(config, dtype, device: str, seed: int):
+def _build_random(config, dtype, device: str, seed: int, native: bool = False):
     """Meta-device build, then allocate in ``dtype`` and initialise module by module."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        if native:
+            from bluelm_v.native import NativeLlamaForCausalLM
+            model = NativeLlamaForCausalLM(config)
+        else:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_config(config)
     model.to(dtype=dtype)
     if device == "meta":
         return model
@@ -209,15 +213,25 @@ def _wrapper_class():
 def hf_causal(preset: str | None = "tiny", path: str | None = None, gguf_file: str | None = None,
               tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu",
               max_context: int | None = None, attn_implementation: str = "sdpa",
-              config: dict | None = None, seed: int = 0):
+              config: dict | None = None, seed: int = 0, implementation: str = "transformers"):
     """Llama-family causal LM (transformers): presets bluelm_3b_proxy / tiny / smollm2_135m,
-    or a local directory / GGUF file."""
+    or a local directory / GGUF file. ``implementation: native`` builds the random-init presets
+    from bluelm_v.native instead (same names and maths, no transformers import)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     torch_dtype = _torch_dtype(dtype)
     hf_tok = None
-    if path or gguf_file:
+    if implementation == "native":
+        if path or gguf_file or preset not in LLM_PRESETS:
+            raise ValueError(f"implementation native builds the random-init presets {sorted(LLM_PRESETS)}; "
+                             "use implementation: transformers for smollm2_135m or a path")
+        from bluelm_v.native import NativeLlamaConfig
+
+        model = _build_random(NativeLlamaConfig(**{**LLM_PRESETS[preset], **(config or {})}),
+                              torch_dtype, device, seed, native=True)
+    elif path or gguf_file:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         p = Path(path or ".")
         if gguf_file:
             p = p / gguf_file
@@ -239,6 +253,8 @@ def hf_causal(preset: str | None = "tiny", path: str | None = None, gguf_file: s
     elif preset == "smollm2_135m":
         model, hf_tok = _load_gguf(smollm2_gguf_path(), torch_dtype)
     elif preset in LLM_PRESETS:
+        from transformers import LlamaConfig
+
         cfg = LlamaConfig(**{**LLM_PRESETS[preset], **(config or {})})
         cfg._attn_implementation = attn_implementation
         model = _build_random(cfg, torch_dtype, device, seed)
@@ -261,4 +277,4 @@ def bluelm_v_register(registry):
                     "presets, or a local HF directory or GGUF file",
         ranges={"max_context": (16, None)},
         choices={"preset": (*LLM_PRESETS, "smollm2_135m", None), "dtype": ("float32", "bfloat16", "float16"),
-                 "attn_implementation": ("sdpa", "eager")})
+                 "attn_implementation": ("sdpa", "eager"), "implementation": ("transformers", "native")})

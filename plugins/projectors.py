@@ -24,8 +24,8 @@ def mlp2x_gelu(in_dim: int, out_dim: int, layer_norm: bool = True, hidden_dim: i
     mlp = torch.nn.Sequential(*layers)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():   # N(0, init_std) like the LLM's own init: visual tokens start at text scale
-        for m in mlp:
-            if isinstance(m, torch.nn.Linear):
+        for m in mlp:       # (nothing to fill on the meta device: a loader assigns the weights)
+            if isinstance(m, torch.nn.Linear) and not m.weight.is_meta:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * init_std)
                 m.bias.zero_()
     mlp.in_dim, mlp.out_dim = in_dim, out_dim

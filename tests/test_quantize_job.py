@@ -69,7 +69,8 @@ def test_quantize_job_on_tiny_models(tmp_path):
 
 @pytest.mark.slow
 def test_memory_job_on_tiny_models_measures_its_own_peak(tmp_path):
-    out, run_dir = launch(tmp_path, "memory", "encoder=tiny", "llm=tiny", "job.decode_tokens=8")
+    out, run_dir = launch(tmp_path, "memory", "encoder=tiny", "llm=tiny", "job.decode_tokens=8",
+                          "quantizer.llm_group_size=32")          # the tiny LLM is 64 wide
     assert out.returncode == 0, out.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert (s["crops"], s["grid"], s["prompt_tokens"], s["visual_tokens"]) == (9, [2, 4], 2048, 9 * 196)
@@ -78,5 +79,9 @@ def test_memory_job_on_tiny_models_measures_its_own_peak(tmp_path):
     if s["time_v_max_rss_mb"] is not None:                           # /usr/bin/time -v agrees
         assert abs(s["peak_rss_mb"] - s["time_v_max_rss_mb"]) < 0.05 * s["time_v_max_rss_mb"]
     stages = s["stages_rss_mb"]
-    assert list(stages) == ["python", "imports", "loaded", "encoded", "encoder_released", "prefilled", "decoded"]
+    assert list(stages) == ["python", "imports", "vision_loaded", "encoded", "vision_released", "llm_loaded",
+                            "prefilled", "decoded"]
     assert max(v["peak_so_far_mb"] for v in stages.values()) <= s["peak_rss_mb"] + 0.5
+    # staged schedule: the LLM's weights arrive only after the ViT's were given back
+    assert stages["llm_loaded"]["rss_mb"] > stages["vision_released"]["rss_mb"]
+    assert s["schedule"] == "staged" and s["transformers_imported"] is False and s["heavy_imports"] == []

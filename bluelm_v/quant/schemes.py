@@ -83,9 +83,15 @@ class Quantizer:
 
     def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
         """``prepare`` the structure, then load every part file (all checked before assigning)."""
-        directory = Path(directory)
         self.prepare(model)
-        parts = {n: p for n, p in model_parts(model).items() if p.state_dict()}
+        return self.load_parts(model, directory)
+
+    def load_parts(self, model: nn.Module, directory: str | Path, names=None) -> nn.Module:
+        """Load the part files ``names`` (default: every part) into an already ``prepare``d
+        model, e.g. the ViT first and the LLM only after the ViT is released (all files named
+        are checked before anything is assigned)."""
+        directory = Path(directory)
+        parts = {n: p for n, p in model_parts(model).items() if p.state_dict() and (names is None or n in names)}
         tensors = {n: io.read_quantized(directory / f"{n}.safetensors", self.settings(), p.state_dict(keep_vars=True))
                    for n, p in parts.items()}
         for n, p in parts.items():
