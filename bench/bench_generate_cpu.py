@@ -2,8 +2,13 @@
 a 2048-token prompt then 128 greedy tokens. Our runtime vs transformers' generate (same weights)
 vs llama.cpp (llama-cpp-python) on the very same GGUF file, all in one run. Prints a table.
 
-    .venv/bin/python bench/bench_generate_cpu.py                  # all systems, 2 rounds
-    .venv/bin/python bench/bench_generate_cpu.py --rounds 3 --systems ours,ours_w8,llama_cpp
+    .venv/bin/python bench/bench_generate_cpu.py                  # all systems, 3 rounds
+    .venv/bin/python bench/bench_generate_cpu.py --rounds 2 --systems ours,ours_w4_g64,llama_cpp
+
+Systems: llama_cpp, transformers (fp32 generate), ours (fp32), ours_w8 (INT8 weights incl. the
+tied embedding/lm_head), ours_w4_g64 / ours_w4_g32 (INT4 layers, INT8 embedding/lm_head, as
+llama.cpp's Q4 files keep theirs at 8 bits); ours = FastLlamaEngine, --chunk rows per prefill
+forward (default 128, the runtime's default).
 
 Needs the bench extra: pip install llama-cpp-python==0.3.36 (builds from source, ~8 min).
 The systems run interleaved, round after round, on the same token ids, and each keeps its best
@@ -43,6 +48,7 @@ def load_llm(registry, quantizer: str | None = None, **qkw):
 
 class Ours:
     def __init__(self, registry, label, quantizer=None, chunk=128, **qkw):
+        label = f"{label} (chunk {chunk})"
         from bluelm_v.engines import make_engine
 
         self.label, self.chunk = label, chunk
@@ -129,8 +135,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--systems", default="llama_cpp,transformers,ours,ours_w8,ours_w4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=128, help="our prefill chunk (runtime default 128)")
+    ap.add_argument("--systems", default="llama_cpp,transformers,ours,ours_w8,ours_w4_g64,ours_w4_g32")
     args = ap.parse_args()
     import torch
 
@@ -143,10 +150,17 @@ def main() -> None:
     makers = {
         "llama_cpp": lambda: LlamaCpp(args.threads, args.prompt + args.new + 16),
         "transformers": lambda: Transformers(registry),
-        "ours": lambda: Ours(registry, "ours, fp32 (fast engine, chunk 128)"),
-        "ours_w8": lambda: Ours(registry, "ours, w8 LLM weights", "w8", targets=["llm"]),
-        "ours_w4": lambda: Ours(registry, "ours, w4 g32 LLM weights", "w4", targets=["llm"], group_size=32),
+        "ours": lambda: Ours(registry, "ours, fp32", chunk=args.chunk),
+        "ours_w8": lambda: Ours(registry, "ours, w8 (INT8 weights + embedding)", "w8", args.chunk,
+                                targets=["llm"], embeddings=True),
+        "ours_w4_g64": lambda: Ours(registry, "ours, w4 g64 (INT8 embedding)", "w4", args.chunk,
+                                    targets=["llm"], group_size=64),
+        "ours_w4_g32": lambda: Ours(registry, "ours, w4 g32 (INT8 embedding)", "w4", args.chunk,
+                                    targets=["llm"], group_size=32),
     }
+    unknown = [n for n in wanted if n not in makers]
+    if unknown:
+        ap.error(f"unknown systems {unknown}; known: {', '.join(makers)}")
     for name in wanted:
         try:
             systems.append((name, makers[name]()))
@@ -157,6 +171,8 @@ def main() -> None:
     ids = prompt_ids(tokenizer, args.prompt)
     best: dict[str, list[float]] = {}
     load0 = os.getloadavg()[0]
+    for name, system in systems:     # warm-up (kernel builds, first-touch allocations): not timed
+        system.run(ids[:256], 4)
     for r in range(args.rounds):
         for name, system in systems:
             pre, dec = system.run(ids, args.new)
@@ -174,6 +190,8 @@ def main() -> None:
     for name, system in systems:
         p, d = best[name]
         print(f"| {system.label} | {p:.1f} | {d:.1f} | {p / ref_pre:.2f} | {d / ref_dec:.2f} |")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; command: "
+          f"{' '.join([Path(sys.executable).name, *sys.argv])}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ What makes it fast (and what the GPU decode rows of bench/bench_gpu.py measure):
     in device buffers): on CUDA it is captured once as a CUDA graph and replayed per token;
     ``compile=True`` additionally compiles the per-layer function with torch.compile
 Quantised projections (any module that is not exactly nn.Linear) are simply called.
+On CPU in fp32 (fp32 static cache, a C compiler present) ``forward`` takes the C-helper path of
+bluelm_v/fast_llama_cpu.py instead (RMSNorm / RoPE+cache write / SiLU / decode attention in C,
+quantised q|k|v and gate|up fused, a w4/w8 decode step as direct kernel calls). Prefill computes
+logits for the last chunk only.
 """
 from __future__ import annotations
 
@@ -119,10 +123,10 @@ class FastLlamaEngine:
         with torch.no_grad():
             cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device),
                                        torch.arange(n_pos, device=self.device)[None])
-        self.cos = cos[0]                                                   # [P, d]
+        self.cos = cos[0].contiguous()                                      # [P, d]
         sign = torch.ones(d, dtype=self.dtype, device=self.device)
         sign[: d // 2] = -1
-        self.sin_signed = sin[0] * sign        # rotate_half(x) * sin == roll(x, d/2) * sin_signed
+        self.sin_signed = (sin[0] * sign).contiguous()   # rotate_half(x)*sin == roll(x, d/2)*sin_signed
         self.qkv = [_fuse(l.self_attn, ("q_proj", "k_proj", "v_proj")) if fuse else None for l in self.layers]
         self.gate_up = [_fuse(l.mlp, ("gate_proj", "up_proj")) if fuse else None for l in self.layers]
         self.q_dim, self.kv_dim = self.n_heads * d, self.n_kv * d
@@ -134,6 +138,12 @@ class FastLlamaEngine:
         self.static_step = static_step or self.use_graph
         self._graph = None
         self._step_layer_fn = plain_layer
+        self._cpu = None      # the C-helper CPU forward (fast_llama_cpu.py), fp32 on CPU only
+        if self.device.type == "cpu" and self.dtype == torch.float32 and attention == "sdpa" and not compile:
+            from .fast_llama_cpu import CpuPath
+
+            cpu = CpuPath(self)
+            self._cpu = cpu if cpu.lib is not None and cpu.layers is not None else None
         if compile:
             import torch._inductor.config as inductor_config
             inductor_config.coordinate_descent_tuning = True
@@ -246,23 +256,31 @@ class FastLlamaEngine:
 
     # -- prefill and decode ---------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """[1,T,D] at the next T positions -> [V] logits of the last one."""
+    def forward(self, embeds: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
+        """[1,T,D] at the next T positions -> [V] logits of the last one (None if not ``logits``)."""
         t, start = embeds.shape[1], self.length
         if start + t > self.cache.max_len:
             raise ValueError(f"KV cache of {self.cache.max_len} positions is full")
+        if self._cpu is not None and embeds.device.type == "cpu" and self._cpu.usable:
+            x = self._cpu.forward(embeds.reshape(t, -1).to(self.dtype).contiguous(), start)   # [T,D]
+            self.length = self.cache.length = start + t
+            return self._logits(x[None]).float() if logits else None
         positions = torch.arange(start, start + t, device=self.device)
         mask = None
         if t > 1:   # causal within the chunk, everything before it visible
             mask = self._arange[:start + t][None] <= positions[:, None]   # [T, start+T]
         x = self._blocks(embeds.to(self.dtype), positions, start + t, mask)
         self.length = self.cache.length = start + t
-        return self._logits(x).float()
+        return self._logits(x).float() if logits else None
 
     def prefill(self, embeds: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Consume [1,L,D] ``chunk`` rows at a time -> [V] logits of the last position (only the
+        last chunk computes logits)."""
+        n = embeds.shape[1]
+        starts = list(range(0, n, chunk))
         logits = None
-        for start in range(0, embeds.shape[1], chunk):
-            logits = self.forward(embeds[:, start:start + chunk])
+        for start in starts:
+            logits = self.forward(embeds[:, start:start + chunk], logits=start == starts[-1])
         return logits
 
     def _static_step(self):

@@ -59,18 +59,19 @@ def base_w4(cfg) -> dict:
     node = OmegaConf.to_container(cfg.quantizer, resolve=True)
     if node.get("name") == "bluelm_mixed":
         return {"group_size": node.get("llm_group_size", 64), "symmetric": node.get("llm_symmetric", False),
-                "embedding_bits": node.get("llm_embedding_bits", 8), "vision_act_dtype": node.get("vision_act_dtype", "fp16")}
+                "embedding_bits": node.get("llm_embedding_bits", 8), "vision_act_dtype": node.get("vision_act_dtype", "fp16"),
+                "refine": node.get("llm_refine", 0)}
     if node.get("name") == "w4":
         return {"group_size": node.get("group_size", 64), "symmetric": node.get("symmetric", False),
-                "embedding_bits": node.get("embedding_bits", 8), "vision_act_dtype": "fp16"}
-    return {"group_size": 64, "symmetric": False, "embedding_bits": 8, "vision_act_dtype": "fp16"}
+                "embedding_bits": node.get("embedding_bits", 8), "vision_act_dtype": "fp16", "refine": node.get("refine", 0)}
+    return {"group_size": 64, "symmetric": False, "embedding_bits": 8, "vision_act_dtype": "fp16", "refine": 0}
 
 
 def make_quantizer(ctx, setting: str, base: dict):
     """The quantizer object for one setting (all built through the registry)."""
     q = ctx.registry.quantizer
     w4 = dict(targets=["llm"], symmetric=base["symmetric"], embedding_bits=base["embedding_bits"],
-              on_bad_shape="smaller_group")
+              on_bad_shape="smaller_group", refine=base.get("refine", 0))
     if setting == "fp32":
         return q.create("none")
     if setting == "w8":

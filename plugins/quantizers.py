@@ -68,12 +68,13 @@ def a16(targets: list = ("llm",), bits: int = 16, granularity: str = "tensor", s
 
 def bluelm_mixed(llm_group_size: int = 64, llm_symmetric: bool = False, llm_embedding_bits: int | None = 8,
                  vision_act_dtype: str = "fp16", act_bits: int = 16, kv_cache: bool = True,
-                 on_bad_shape: str = "error", kernel: str = "auto"):
-    """The paper's scheme: encoder+projector w8 (fp16 activations), LLM w4 + a16, KV cache kv8."""
+                 on_bad_shape: str = "error", kernel: str = "auto", llm_refine: int = 0):
+    """The paper's scheme: encoder+projector w8 (fp16 activations), LLM w4 + a16, KV cache kv8.
+    ``llm_refine``: least-squares refinements of each INT4 group's scale/zero (w4's ``refine``)."""
     from bluelm_v.quant.schemes import A16, KV8, W4, W8, Composite
 
     steps = [W8(["encoder", "downsampler", "projector"], vision_act_dtype, False, (), kernel),
-             W4(["llm"], llm_group_size, llm_symmetric, llm_embedding_bits, on_bad_shape, (), kernel),
+             W4(["llm"], llm_group_size, llm_symmetric, llm_embedding_bits, on_bad_shape, (), kernel, llm_refine),
              A16(["llm"], act_bits, "tensor")]
     if kv_cache:
         steps.append(KV8(["llm"]))
@@ -91,7 +92,7 @@ def bluelm_v_register(registry):
     q.register("kv8", kv8)
     q.register("a16", a16, ranges={"bits": (2, 24)}, choices={"granularity": ("tensor", "token")})
     q.register("bluelm_mixed", bluelm_mixed,
-               ranges={"act_bits": (2, 24)},
+               ranges={"act_bits": (2, 24), "llm_refine": (0, 20)},
                choices={"llm_group_size": GROUP_SIZES, "vision_act_dtype": ("fp32", "fp16", "bf16"),
                         "llm_embedding_bits": (4, 8, None),
                         "kernel": KERNELS, "on_bad_shape": BAD_SHAPE})

@@ -46,6 +46,9 @@ static inline float h2f(uint16_t h) {
 #endif
 #define MMAX 16
 #define GMAX 128
+/* Fewer weights than this: one thread (no fork/join; on 2 shared cores a fork/join costs far
+   more than such a matvec whenever the other thread is descheduled). */
+#define PAR_MIN_WEIGHTS (1L << 21)
 
 /* Split x per group into evens then odds (so each nibble plane meets contiguous x) + group sums. */
 static void split_x(const float* x, int M, int K, int g, float* xs, float* xsum) {
@@ -196,6 +199,7 @@ static inline __attribute__((always_inline)) void int4_rows4(
 void int4_gemm_small(const float* x, int M, int K, const uint8_t* packed, const uint16_t* scales,
                      const uint16_t* zeros, const float* bias, int N, int g, float* y, int threads) {
     int G = K / g;
+    if ((long)N * K * M < PAR_MIN_WEIGHTS) threads = 1;
     float* xs = (float*)malloc(sizeof(float) * (size_t)M * K);
     float* xsum = (float*)malloc(sizeof(float) * (size_t)M * G);
     split_x(x, M, K, g, xs, xsum);
@@ -206,10 +210,11 @@ void int4_gemm_small(const float* x, int M, int K, const uint8_t* packed, const 
         #pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
         for (int n = 0; n < N - 3; n += 4) {
             const uint16_t* z = zeros ? zeros + (size_t)n * G : NULL;
-            if (g == 32) int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 16, y + n);
-            else if (g == 64) int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 32, y + n);
-            else int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 64, y + n);
-            if (bias) for (int r = 0; r < 4; r++) y[n + r] += bias[n + r];
+            float out4[4];   /* then + bias: bias may alias y (an in-place residual add) */
+            if (g == 32) int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 16, out4);
+            else if (g == 64) int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 32, out4);
+            else int4_rows4(packed + n * rb, rb, scales + (size_t)n * G, z, G, xs, xsum, 64, out4);
+            for (int r = 0; r < 4; r++) y[n + r] = out4[r] + (bias ? bias[n + r] : 0.f);
         }
         n0 = N - N % 4;
     }
@@ -232,6 +237,7 @@ void int4_gemm_small(const float* x, int M, int K, const uint8_t* packed, const 
 /* x [M, K] fp32; q int8 [N, K]; scale fp32 [N]; bias [N] or NULL; y [M, N]. */
 void int8_gemm_small(const float* x, int M, int K, const int8_t* q, const float* scale,
                      const float* bias, int N, float* y, int threads) {
+    if ((long)N * K * M < PAR_MIN_WEIGHTS) threads = 1;
     #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
     for (int n = 0; n < N; n++) {
         const int8_t* row = q + (size_t)n * K;
@@ -296,16 +302,17 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(cc: str) -> Path:
-    key = hashlib.sha256((C_SOURCE + cc + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"bluelm_v_quant_{key}.so"
+def _build(cc: str, source: str = C_SOURCE, stem: str = "bluelm_v_quant", libs: tuple = ()) -> Path:
+    """Compile ``source`` once per (source, compiler, flags) into the cache; the .so path."""
+    key = hashlib.sha256((source + cc + " ".join(FLAGS + list(libs))).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{stem}_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-        src.write_text(C_SOURCE)
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, text=True)
+        src.write_text(source)
+        subprocess.run([cc, *FLAGS, str(src), "-o", str(out), *libs], check=True, capture_output=True, text=True)
         os.replace(out, target)  # atomic: concurrent builders never see a half-written library
     return target
 

@@ -65,28 +65,56 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return out.view(n, 2 * half)
 
 
+def _ls_fit(w, q, symmetric: bool, fallback):
+    """Least-squares (scale, zero) of w [b,G,g] for fixed codes q (zero None when symmetric)."""
+    if symmetric:                          # min_s sum (s (q-8) - w)^2
+        c = q - 8.0
+        s = (c * w).sum(2, keepdim=True) / (c * c).sum(2, keepdim=True).clamp_min(1e-12)
+        return torch.where(s != 0, s, fallback).to(SCALE_DTYPE).float(), None
+    mq, mw = q.mean(2, keepdim=True), w.mean(2, keepdim=True)   # linear regression w ~ s q + z
+    var = ((q - mq) ** 2).sum(2, keepdim=True)
+    s = ((q - mq) * (w - mw)).sum(2, keepdim=True) / var.clamp_min(1e-12)
+    s = torch.where((var > 0) & (s > 0), s, fallback).to(SCALE_DTYPE).float()
+    return s, (mw - s * mq).to(SCALE_DTYPE).float()
+
+
+def _search(w, best, err, n_steps: int = 20):
+    """llama.cpp-style grid search: rescale the min/max grid by (15 + t) / 15 for t in [-1, 1],
+    round, least-squares fit (scale, zero) to those codes; keep per group whatever has the
+    lowest error. ``best`` = (q, s, z, err) is the starting point (min/max)."""
+    symmetric = best[2] is None
+    if symmetric:
+        amax = best[1] * -8.0                                       # the signed largest value
+    else:
+        lo, span = w.amin(2, keepdim=True), (w.amax(2, keepdim=True) - w.amin(2, keepdim=True)).clamp_min(1e-12)
+    for t in torch.linspace(-1.0, 1.0, n_steps + 1).tolist():
+        if symmetric:
+            q = torch.round(w / (amax / (-8.0 - t))).clamp_(-8, 7) + 8
+        else:
+            q = torch.round((w - lo) * ((15.0 + t) / span)).clamp_(0, 15)
+        s, z = _ls_fit(w, q, symmetric, best[1])
+        q = torch.round(w / s).clamp_(-8, 7) + 8 if symmetric else torch.round((w - z) / s).clamp_(0, 15)
+        e = err(q, s, z)
+        better = e < best[3]
+        best = (torch.where(better, q, best[0]), torch.where(better, s, best[1]),
+                None if z is None else torch.where(better, z, best[2]), torch.minimum(e, best[3]))
+    return best
+
+
 def _refine(w, q, s, z, steps: int):
-    """Least-squares refinement of each group's (scale, zero) for its current codes, then
-    re-rounding, ``steps`` times; per group the lowest-error iterate is kept (never worse than
-    min/max). w [b, G, g] fp32; q codes as float; s, z [b, G, 1] (z None: symmetric)."""
+    """A grid search over scales (``_search``), then least-squares refinement of each group's
+    (scale, zero) for its current codes and re-rounding, ``steps`` times; per group the
+    lowest-error iterate is kept (never worse than min/max). w [b, G, g] fp32; q codes as
+    float; s, z [b, G, 1] (z None: symmetric)."""
     def err(q, s, z):
         rec = s * (q - 8.0) if z is None else s * q + z
         return ((rec - w) ** 2).sum(dim=2, keepdim=True)
 
-    best = (q, s, z, err(q, s, z))
+    best = _search(w, (q, s, z, err(q, s, z)), err)
+    q = best[0]
     for _ in range(steps):
-        if z is None:                      # min_s sum (s (q-8) - w)^2
-            c = q - 8.0
-            s = ((c * w).sum(2, keepdim=True) / (c * c).sum(2, keepdim=True).clamp_min(1e-12))
-            s = torch.where(s != 0, s, best[1]).to(SCALE_DTYPE).float()
-            q = torch.round(w / s).clamp_(-8, 7) + 8
-        else:                              # linear regression of w on q: w ~ s q + z
-            mq, mw = q.mean(2, keepdim=True), w.mean(2, keepdim=True)
-            var = ((q - mq) ** 2).sum(2, keepdim=True)
-            s = (((q - mq) * (w - mw)).sum(2, keepdim=True) / var.clamp_min(1e-12))
-            s = torch.where((var > 0) & (s > 0), s, best[1]).to(SCALE_DTYPE).float()
-            z = (mw - s * mq).to(SCALE_DTYPE).float()
-            q = torch.round((w - z) / s).clamp_(0, 15)
+        s, z = _ls_fit(w, q, best[2] is None, best[1])
+        q = torch.round(w / s).clamp_(-8, 7) + 8 if z is None else torch.round((w - z) / s).clamp_(0, 15)
         e = err(q, s, z)
         better = e < best[3]
         best = (torch.where(better, q, best[0]), torch.where(better, s, best[1]),

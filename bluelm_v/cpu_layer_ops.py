@@ -1,0 +1,195 @@
+"""C helpers for FastLlamaEngine's CPU path: the small element-wise steps of a decoder layer.
+
+Why: with a 128-token prefill chunk (and at decode) each torch element-wise op is tiny, so a layer
+made of ~30 of them pays ~30 dispatches and ~20 OpenMP fork/joins; on 2 shared cores a fork/join
+costs milliseconds whenever the other thread is descheduled. These kernels do each step in ONE
+pass, serially below PARALLEL_MIN elements (no fork/join at all), with fp32 math like torch's:
+
+  rmsnorm        out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w
+  rope_qkv       qkv [T,(H+2KV)d] -> RoPE'd q grouped per KV head [KV, g*T, d] (rows (group, t)),
+                 RoPE'd k and v written to the cache rows start..start+T-1 ([KV, S, d] each)
+  ungroup        attention output [KV, g*T, d] -> [T, H*d]
+  silu_mul       gate|up [T, 2F] -> silu(gate) * up [T, F]
+  attn_decode    one query row per head over kv_len cached keys (fp32 softmax), [H*d] out;
+                 the keys are split between the threads, partial results merged (one fork/join)
+
+Built with the quantizer kernels' machinery (bluelm_v.quant.cpu_kernels: cc -O3 -march=native,
+cached per source hash). ``library()`` is None without a C compiler or with
+BLUELM_V_NO_CPU_KERNELS=1; the engine then uses its torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+
+C_SOURCE = r"""
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#define PARALLEL_MIN (1 << 19)
+
+void rmsnorm(const float* x, int T, int D, const float* w, float eps, float* out, int threads) {
+    #pragma omp parallel for num_threads(threads) if ((long)T * D >= PARALLEL_MIN) schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float* xr = x + (size_t)t * D;
+        float* o = out + (size_t)t * D;
+        float ss = 0.f;
+        for (int j = 0; j < D; j++) ss += xr[j] * xr[j];
+        float r = 1.f / sqrtf(ss / (float)D + eps);
+        for (int j = 0; j < D; j++) o[j] = xr[j] * r * w[j];
+    }
+}
+
+/* cos, sin_s [T, d] (sin_s = sin with its first half negated); k/v cache [KV, S, d]. */
+void rope_qkv(const float* qkv, int T, int H, int KV, int d, const float* cos, const float* sin_s,
+              float* q_out, float* k_cache, float* v_cache, int S, int start, int threads) {
+    int g = H / KV, h2 = d / 2, width = (H + 2 * KV) * d;
+    #pragma omp parallel for num_threads(threads) if ((long)T * width >= PARALLEL_MIN) schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float* row = qkv + (size_t)t * width;
+        const float* c = cos + (size_t)t * d;
+        const float* s = sin_s + (size_t)t * d;
+        for (int h = 0; h < H + KV; h++) {
+            const float* x = row + (size_t)h * d;
+            float* o = h < H ? q_out + ((size_t)(h / g) * g * T + (size_t)(h % g) * T + t) * d
+                             : k_cache + ((size_t)(h - H) * S + start + t) * d;
+            for (int j = 0; j < h2; j++) o[j] = x[j] * c[j] + x[j + h2] * s[j];
+            for (int j = h2; j < d; j++) o[j] = x[j] * c[j] + x[j - h2] * s[j];
+        }
+        for (int h = 0; h < KV; h++)
+            memcpy(v_cache + ((size_t)h * S + start + t) * d, row + (size_t)(H + KV + h) * d, sizeof(float) * d);
+    }
+}
+
+void ungroup(const float* o, int T, int H, int KV, int d, float* out) {
+    int g = H / KV;
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++)
+            memcpy(out + ((size_t)t * H + h) * d, o + ((size_t)(h / g) * g * T + (size_t)(h % g) * T + t) * d,
+                   sizeof(float) * d);
+}
+
+void silu_mul(const float* gu, int T, int F, float* out, int threads) {
+    #pragma omp parallel for num_threads(threads) if ((long)T * F >= PARALLEL_MIN) schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float* gate = gu + (size_t)t * 2 * F;
+        const float* up = gate + F;
+        float* o = out + (size_t)t * F;
+        for (int j = 0; j < F; j++) o[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
+    }
+}
+
+/* q [H, d] (head h uses KV head h / g); k/v cache [KV, S, d]; out [H, d]. Keys [0, kv_len) are
+   split into `parts` ranges (one per thread); each computes, for the g query heads of a KV head
+   together (every key/value row read once), per-head (max, sum, unnormalised out); merged after. */
+#define DMAX 256
+#define GMAX 16
+void attn_decode(const float* q, const float* k_cache, const float* v_cache, int H, int KV, int d,
+                 int S, int kv_len, float scale, float* out, float* scratch, int threads) {
+    int g = H / KV;
+    int parts = kv_len >= 512 ? threads : 1;
+    /* scratch: parts * H * (d + 2) floats + g * kv_len floats per part (scores) */
+    float* part_o = scratch;
+    float* part_m = part_o + (size_t)parts * H * d;
+    float* part_l = part_m + (size_t)parts * H;
+    float* sc_all = part_l + (size_t)parts * H;
+    #pragma omp parallel for num_threads(parts) if (parts > 1) schedule(static, 1)
+    for (int p = 0; p < parts; p++) {
+        int s0 = (int)((long)kv_len * p / parts), s1 = (int)((long)kv_len * (p + 1) / parts), n = s1 - s0;
+        float* sc = sc_all + (size_t)g * s0;                 /* [g, n] */
+        for (int kvh = 0; kvh < KV; kvh++) {
+            const float* qh = q + (size_t)kvh * g * d;
+            const float* kh = k_cache + (size_t)kvh * S * d;
+            const float* vh = v_cache + (size_t)kvh * S * d;
+            float m[GMAX], l[GMAX];
+            for (int gi = 0; gi < g; gi++) { m[gi] = -INFINITY; l[gi] = 0.f; }
+            for (int s = s0; s < s1; s++) {
+                const float* kr = kh + (size_t)s * d;
+                for (int gi = 0; gi < g; gi++) {
+                    const float* qg = qh + (size_t)gi * d;
+                    float dot = 0.f;
+                    for (int j = 0; j < d; j++) dot += qg[j] * kr[j];
+                    dot *= scale;
+                    sc[(size_t)gi * n + s - s0] = dot;
+                    if (dot > m[gi]) m[gi] = dot;
+                }
+            }
+            for (int gi = 0; gi < g; gi++) {
+                float* r = sc + (size_t)gi * n;
+                float t = 0.f;
+                for (int i = 0; i < n; i++) { r[i] = expf(r[i] - m[gi]); t += r[i]; }
+                l[gi] = t;
+            }
+            float acc[GMAX][DMAX];
+            for (int gi = 0; gi < g; gi++) for (int j = 0; j < d; j++) acc[gi][j] = 0.f;
+            for (int s = s0; s < s1; s++) {
+                const float* vr = vh + (size_t)s * d;
+                for (int gi = 0; gi < g; gi++) {
+                    float e = sc[(size_t)gi * n + s - s0];
+                    for (int j = 0; j < d; j++) acc[gi][j] += e * vr[j];
+                }
+            }
+            for (int gi = 0; gi < g; gi++) {
+                int h = kvh * g + gi;
+                memcpy(part_o + ((size_t)p * H + h) * d, acc[gi], sizeof(float) * d);
+                part_m[p * H + h] = m[gi];
+                part_l[p * H + h] = l[gi];
+            }
+        }
+    }
+    for (int h = 0; h < H; h++) {
+        float m = -INFINITY, l = 0.f;
+        for (int p = 0; p < parts; p++) if (part_m[p * H + h] > m) m = part_m[p * H + h];
+        float* o = out + (size_t)h * d;
+        for (int j = 0; j < d; j++) o[j] = 0.f;
+        for (int p = 0; p < parts; p++) {
+            float w = part_l[p * H + h] > 0.f ? expf(part_m[p * H + h] - m) : 0.f;
+            l += w * part_l[p * H + h];
+            const float* po = part_o + ((size_t)p * H + h) * d;
+            for (int j = 0; j < d; j++) o[j] += w * po[j];
+        }
+        for (int j = 0; j < d; j++) o[j] /= l;
+    }
+}
+"""
+
+MAX_HEAD_DIM = 256   # DMAX
+MAX_GROUP = 16       # GMAX: query heads per KV head
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "rmsnorm": [_P, _I, _I, _P, _F, _P, _I],
+    "rope_qkv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I],
+    "ungroup": [_P, _I, _I, _I, _I, _P],
+    "silu_mul": [_P, _I, _I, _P, _I],
+    "attn_decode": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, _I],
+}
+_LOCK = threading.Lock()
+_LIB: list = []
+
+
+def library():
+    """The loaded helper library (built on first use), or None where it cannot be built."""
+    if _LIB:
+        return _LIB[0]
+    with _LOCK:
+        if _LIB:
+            return _LIB[0]
+        from .quant import cpu_kernels
+
+        lib, cc = None, cpu_kernels._compiler()
+        if os.environ.get("BLUELM_V_NO_CPU_KERNELS") != "1" and cc is not None:
+            try:
+                import torch  # noqa: F401 -- torch's libgomp first: one OpenMP pool for both
+                lib = ctypes.CDLL(str(cpu_kernels._build(cc, C_SOURCE, "bluelm_v_layer_ops", ("-lm",))))
+                for name, args in _SIGNATURES.items():
+                    getattr(lib, name).argtypes = args
+                    getattr(lib, name).restype = None
+            except (OSError, Exception) as exc:  # noqa: BLE001 -- any build failure: torch path
+                print(f"bluelm-v: warning: CPU layer kernels unavailable ({str(exc)[:200]}); "
+                      "using torch ops", file=sys.stderr)
+                lib = None
+        _LIB.append(lib)
+        return lib

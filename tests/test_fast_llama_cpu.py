@@ -1,0 +1,130 @@
+"""FastLlamaEngine's CPU path: the C layer helpers against torch, and the engine against its torch path."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bluelm_v import cpu_layer_ops
+
+lib = cpu_layer_ops.library()
+needs_lib = pytest.mark.skipif(lib is None, reason="no C compiler for the CPU layer helpers")
+
+
+@needs_lib
+def test_rmsnorm_and_silu_mul_match_torch():
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 40), torch.rand(40) + 0.5
+    out = torch.empty_like(x)
+    lib.rmsnorm(x.data_ptr(), 5, 40, w.data_ptr(), 1e-5, out.data_ptr(), 2)
+    torch.testing.assert_close(out, F.rms_norm(x, (40,), w, 1e-5), rtol=1e-5, atol=1e-6)
+    gu = torch.randn(3, 2 * 24)
+    act = torch.empty(3, 24)
+    lib.silu_mul(gu.data_ptr(), 3, 24, act.data_ptr(), 2)
+    torch.testing.assert_close(act, F.silu(gu[:, :24]) * gu[:, 24:], rtol=1e-5, atol=1e-6)
+
+
+@needs_lib
+def test_rope_qkv_groups_q_and_writes_k_v_into_the_cache():
+    torch.manual_seed(1)
+    t, heads, kv, d, s, start = 3, 6, 2, 8, 10, 4
+    qkv = torch.randn(t, (heads + 2 * kv) * d)
+    cos, sin = torch.randn(t, d), torch.randn(t, d)
+    q = torch.empty(kv, heads // kv * t, d)
+    kc, vc = torch.zeros(kv, s, d), torch.zeros(kv, s, d)
+    lib.rope_qkv(qkv.data_ptr(), t, heads, kv, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                 kc.data_ptr(), vc.data_ptr(), s, start, 2)
+    x = qkv.view(t, heads + 2 * kv, d)
+    rot = x[:, : heads + kv] * cos[:, None] + torch.roll(x[:, : heads + kv], d // 2, -1) * sin[:, None]
+    torch.testing.assert_close(q.view(heads, t, d), rot[:, :heads].transpose(0, 1))
+    torch.testing.assert_close(kc[:, start:start + t], rot[:, heads:].transpose(0, 1))
+    torch.testing.assert_close(vc[:, start:start + t], x[:, heads + kv:].transpose(0, 1))
+    assert kc[:, :start].abs().sum() == 0 and vc[:, start + t:].abs().sum() == 0
+
+
+@needs_lib
+@pytest.mark.parametrize("kv_len", [37, 700])          # 700: keys split between the threads
+def test_attn_decode_matches_softmax_attention(kv_len):
+    torch.manual_seed(2)
+    heads, kv, d, s = 6, 2, 16, 800
+    q = torch.randn(heads, d)
+    kc, vc = torch.randn(kv, s, d), torch.randn(kv, s, d)
+    out = torch.empty(heads * d)
+    scratch = torch.empty(2 * heads * (d + 2) + heads // kv * s)
+    lib.attn_decode(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), heads, kv, d, s, kv_len, d ** -0.5,
+                    out.data_ptr(), scratch.data_ptr(), 2)
+    k = kc[:, :kv_len].repeat_interleave(heads // kv, 0)                       # [H, S, d]
+    v = vc[:, :kv_len].repeat_interleave(heads // kv, 0)
+    ref = torch.softmax((k @ q[:, :, None])[..., 0] / math.sqrt(d), -1)[:, None] @ v   # [H,1,d]
+    torch.testing.assert_close(out.view(heads, d), ref[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def _tiny_llm(seed=0):
+    from bluelm_v.plugins import llms
+
+    torch.manual_seed(seed)
+    model = llms.hf_causal(preset="tiny", tokenizer="byte").model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _run(engine, emb, chunk, steps):
+    engine.begin(emb.shape[1] + steps + 1)
+    logits = engine.prefill(emb, chunk)
+    tok, toks = int(logits.argmax()), []
+    for _ in range(steps):
+        tok = engine.step(tok)
+        toks.append(tok)
+    return logits, toks
+
+
+@needs_lib
+def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
+    from bluelm_v.fast_llama import FastLlamaEngine
+
+    model = _tiny_llm()
+    emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 300)))       # [1,300,64]
+    fast = FastLlamaEngine(model)
+    assert fast._cpu is not None
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    got, got_toks = _run(fast, emb, 128, 0)
+    handle.remove()
+    assert len(calls) == 1                          # 3 chunks, logits of the last one only
+    ref_engine = FastLlamaEngine(model)
+    ref_engine._cpu = None                          # the generic torch path
+    ref, ref_toks = _run(ref_engine, emb, 128, 6)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    got, got_toks = _run(fast, emb, 128, 6)
+    assert got_toks == ref_toks and len(set(ref_toks)) > 1
+
+
+@needs_lib
+@pytest.mark.parametrize("quantizer", [dict(name="w4", group_size=32), dict(name="w8")])
+def test_quantised_projections_are_fused_into_views_and_decode_like_transformers(quantizer):
+    from bluelm_v.engines import HFEngine
+    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugin_manager import get
+
+    model = _tiny_llm(seed=3)
+    q = dict(quantizer)
+    get()[1].quantizer.create(q.pop("name"), targets=["llm"], **q).apply(model)
+    emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 40)))
+    hf_logits, hf_toks = _run(HFEngine(model), emb, 16, 6)
+    fast = FastLlamaEngine(model)
+    assert fast._cpu is not None
+    attn = model.model.layers[0].self_attn
+    fused_qkv = fast._cpu.layers[0][2]
+    assert fused_qkv.out_features == attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
+    base = fused_qkv.qweight.data_ptr()             # the originals are views of the fused codes
+    assert attn.q_proj.qweight.data_ptr() == base
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == fused_qkv.qweight.untyped_storage().data_ptr()
+    logits, toks = _run(fast, emb, 16, 6)
+    assert len(fast._cpu._direct) == len(model.model.layers)   # decode took the direct C calls
+    torch.testing.assert_close(logits, hf_logits, rtol=1e-3, atol=1e-3)
+    assert toks == hf_toks
