@@ -41,13 +41,24 @@ def release_heap() -> None:
         pass
 
 
+def resident_mb(model) -> dict:
+    """MB of materialised (not meta, not released) parameters and buffers per model part."""
+    out = {}
+    for part in (*VISION_PARTS, "llm"):
+        tensors = [*getattr(model, part).parameters(), *getattr(model, part).buffers()]
+        out[part] = round(sum(t.numel() * t.element_size() for t in tensors if not t.is_meta) / 2**20, 3)
+    return out
+
+
 class Stages:
     def __init__(self):
-        self.t0, self.rows = time.perf_counter(), {}
+        self.t0, self.rows, self.model = time.perf_counter(), {}, None
 
     def mark(self, name: str) -> None:
         self.rows[name] = {"rss_mb": round(rss_mb(), 1), "peak_so_far_mb": round(peak_mb(), 1),
                            "t_s": round(time.perf_counter() - self.t0, 2)}
+        if self.model is not None:                  # which weights were in memory at this point
+            self.rows[name]["resident_mb"] = resident_mb(self.model)
 
     def peak_stage(self, peak: float) -> str:
         """The first stage whose peak-so-far reached the final peak (the peak happened in it)."""
@@ -103,6 +114,7 @@ def main(config_path: str, ckpt: str, out_path: str) -> None:
     stages.mark("imports")
 
     model = build_meta_model(cfg, registry)
+    stages.model = model
     quantizer = registry.create_from_config("quantizer", cfg.quantizer)
     quantizer.prepare(model)                          # quantised structure, still on meta
     quantizer.load_parts(model, ckpt, VISION_PARTS if staged else None)

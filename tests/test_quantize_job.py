@@ -83,5 +83,8 @@ def test_memory_job_on_tiny_models_measures_its_own_peak(tmp_path):
                             "prefilled", "decoded"]
     assert max(v["peak_so_far_mb"] for v in stages.values()) <= s["peak_rss_mb"] + 0.5
     # staged schedule: the LLM's weights arrive only after the ViT's were given back
-    assert stages["llm_loaded"]["rss_mb"] > stages["vision_released"]["rss_mb"]
+    for stage in ("vision_loaded", "encoded"):
+        assert stages[stage]["resident_mb"]["llm"] == 0 and stages[stage]["resident_mb"]["encoder"] > 0
+    assert stages["vision_released"]["resident_mb"] == {"encoder": 0, "downsampler": 0, "projector": 0, "llm": 0}
+    assert stages["llm_loaded"]["resident_mb"]["llm"] > 0 and stages["llm_loaded"]["resident_mb"]["encoder"] == 0
     assert s["schedule"] == "staged" and s["transformers_imported"] is False and s["heavy_imports"] == []
