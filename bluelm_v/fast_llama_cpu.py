@@ -5,7 +5,7 @@ Per layer, for a chunk of T rows at positions start..start+T-1 (T = 128 in prefi
     -> rope_qkv (C: RoPE of q and k, q grouped per KV head, k/v written into the static cache)
     -> attention: T > 1  torch SDPA (flash) over the cache prefix, an additive mask built ONCE
                          per chunk and shared by all layers; T == 1  attn_decode (C)
-    -> o projection + residual (addmm) -> rmsnorm (C) -> gate|up projection -> silu_mul (C)
+    -> o projection + residual -> rmsnorm (C) -> gate|up projection -> silu_mul (C)
     -> down projection + residual (addmm)
 Quantised q/k/v (and gate/up) modules of one layer are fused the same way the fp32 ones are:
 one module over concatenated buffers, the original modules' buffers become views of it (no
@@ -134,6 +134,8 @@ class CpuPath:
             return lambda x: torch.cat([m(x) for m in mods], -1)
         if fused_fp is not None:
             weight, bias = fused_fp
+            if bias is None and weight.dtype == torch.float32 and weight.is_contiguous():
+                return lambda x: cpu_layer_ops.linear(x, weight)
             return lambda x: F.linear(x, weight, bias)
         q = fuse_quantized(module, names)
         if q is not None:
@@ -152,9 +154,10 @@ class CpuPath:
 
     @staticmethod
     def _out_proj(module, x_in, residual):
-        """residual + module(x_in), folded into addmm for a plain bias-free fp32 Linear."""
-        if type(module) is torch.nn.Linear and module.bias is None and not _hooked(module):
-            return torch.addmm(residual, x_in, module.weight.t())
+        """residual + module(x_in); a plain bias-free fp32 Linear through cpu_layer_ops.linear."""
+        if type(module) is torch.nn.Linear and module.bias is None and not _hooked(module) and \
+                module.weight.dtype == torch.float32 and module.weight.is_contiguous():
+            return cpu_layer_ops.linear(x_in, module.weight).add_(residual)
         return residual + module(x_in)
 
     def forward(self, x, start: int):

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .errors import ConfigError, InputError
+from .splice import SplicePlan
 
 
 @dataclass
@@ -106,45 +106,14 @@ class BlueLMV(torch.nn.Module):
     def splice(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor],
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Spliced:
         """Replace each IMAGE_TOKEN_ID in ``input_ids`` [B,L] by the matching ``features`` [N_i,D];
-        returns embeddings [B,L',D], attention mask and labels right-padded to the longest row."""
+        returns embeddings [B,L',D], attention mask and labels right-padded to the longest row
+        (bluelm_v/splice.py: planned from host copies of the ids, mask and labels, one gather)."""
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        n_sentinels = int((ids == IMAGE_TOKEN_ID).sum())
-        if n_sentinels != len(features):
-            raise InputError(f"input_ids: {n_sentinels} <image> placeholder(s) but {len(features)} "
-                             f"image(s) given")
-        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        plan = SplicePlan.build(ids.cpu(), _host(attention_mask), _host(labels), [int(f.shape[0]) for f in features])
         text = self.llm.embed(ids.clamp(min=0))            # [B, L, D]; sentinels embed id 0, dropped
-        rows_e, rows_m, rows_l, k = [], [], [], 0
-        for b in range(ids.shape[0]):
-            where = (ids[b] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
-            pieces_e, pieces_m, pieces_l, start = [], [], [], 0
-            for pos in where + [ids.shape[1]]:
-                pieces_e.append(text[b, start:pos])
-                pieces_m.append(mask[b, start:pos])
-                if labels is not None:
-                    pieces_l.append(labels[b, start:pos])
-                if pos < ids.shape[1]:
-                    vis = features[k].to(text.dtype)       # [N_k, D]
-                    k += 1
-                    pieces_e.append(vis)
-                    pieces_m.append(mask.new_full((vis.shape[0],), int(mask[b, pos])))
-                    if labels is not None:
-                        pieces_l.append(labels.new_full((vis.shape[0],), IGNORE_INDEX))
-                start = pos + 1
-            rows_e.append(torch.cat(pieces_e))
-            rows_m.append(torch.cat(pieces_m))
-            if labels is not None:
-                rows_l.append(torch.cat(pieces_l))
-        longest = max(r.shape[0] for r in rows_e)
-        embeds = text.new_zeros(len(rows_e), longest, text.shape[-1])    # [B, L', D]
-        out_mask = mask.new_zeros(len(rows_e), longest)
-        out_labels = labels.new_full((len(rows_e), longest), IGNORE_INDEX) if labels is not None else None
-        for b, row in enumerate(rows_e):
-            embeds[b, :row.shape[0]] = row
-            out_mask[b, :row.shape[0]] = rows_m[b]
-            if out_labels is not None:
-                out_labels[b, :row.shape[0]] = rows_l[b]
-        return Spliced(embeds, out_mask, out_labels)
+        visual = torch.cat(list(features)) if len(features) else text.new_zeros(0, text.shape[-1])   # [sum N, D]
+        labels_out = None if plan.labels is None else plan.labels.to(ids.device)
+        return Spliced(plan.embeds(text, visual), plan.attention_mask.to(ids.device), labels_out)
 
     # -- training forward -----------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -164,6 +133,10 @@ class BlueLMV(torch.nn.Module):
         """Parameters per part (training freezes/decays them per part)."""
         return {name: list(getattr(self, name).parameters())
                 for name in ("encoder", "downsampler", "projector", "llm")}
+
+
+def _host(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
 
 
 def _param_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dtype:

@@ -9,10 +9,12 @@ random init) is built on the meta device and each layer is filled and quantised 
 ``quantizer`` (bluelm_mixed), never a full fp32 copy; the quantised parts are saved as
 safetensors (cached under ``job.checkpoint_dir`` or ~/.cache/bluelm_v/memory/<hash>, reused when
 the settings match). (2) RUN, in a fresh Python process (under ``/usr/bin/time -v`` when it
-exists): load ViT and LLM together from the checkpoint, encode a ``job.image_size`` image (768x1536:
-grid 2:4 + thumbnail = 9 crops), release the ViT, prefill ``job.prompt_tokens`` positions (visual
-tokens included) in ``job.prefill_chunk``-token chunks, decode ``job.decode_tokens`` tokens. The
-worker records its own peak RSS (getrusage ru_maxrss) and the RSS after every stage.
+exists): with ``job.schedule: staged`` (default) load the ViT + projector from the checkpoint, encode
+a ``job.image_size`` image (768x1536: grid 2:4 + thumbnail = 9 crops), release them, then load the
+LLM (``together``: ViT and LLM loaded up front, as the paper's 0.47 s load), prefill
+``job.prompt_tokens`` positions (visual tokens included) in ``job.prefill_chunk``-token chunks,
+decode ``job.decode_tokens`` tokens. The worker records its own peak RSS (getrusage ru_maxrss),
+and the RSS and materialised weights per part after every stage.
 
 summary.json: peak_rss_mb (self-measured), time_v_max_rss_mb (/usr/bin/time -v), goal (2.2 GB =
 2098 MiB), weight bytes per part, KV-cache bytes, the per-stage RSS breakdown, timings.

@@ -83,10 +83,10 @@ def test_fused_chunk_formulation_equals_eager_one():
     assert float(l1) == pytest.approx(float(ref), rel=1e-5)
 
 
-def test_host_splice_plan_equals_model_splice():
+def test_splice_plan_puts_each_image_at_its_placeholder():
     import torch
 
-    from bluelm_v.training.splice import SplicePlan
+    from bluelm_v.splice import SplicePlan
 
     model = _tiny_model()
     gen = torch.Generator().manual_seed(4)
@@ -98,12 +98,23 @@ def test_host_splice_plan_equals_model_splice():
     mask[2, 6:] = 0
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
     feats = [torch.randn(n, model.hidden_size, generator=gen) for n in (5, 3, 4)]
-    ref = model.splice(ids, feats, mask, labels)
+    text = model.llm.embed(ids.clamp(min=0))                            # [3, 12, D]
     plan = SplicePlan.build(ids, mask, labels, [f.shape[0] for f in feats])
-    got = plan.embeds(model.llm.embed(ids.clamp(min=0)), torch.cat(feats))
-    assert got.shape == ref.embeds.shape and torch.equal(got, ref.embeds)
-    assert torch.equal(plan.attention_mask, ref.attention_mask) and torch.equal(plan.labels, ref.labels)
+    got = plan.embeds(text, torch.cat(feats))
+    # by hand: row 0 = t[:2] f0 t[3:7] f1 t[8:] (8 + 10 = 18 rows), row 1 = t (12), row 2 = f2 t[1:] (15)
+    rows = [torch.cat([text[0, :2], feats[0], text[0, 3:7], feats[1], text[0, 8:]]), text[1],
+            torch.cat([feats[2], text[2, 1:]])]
+    assert got.shape == (3, 18, model.hidden_size)
+    for b, row in enumerate(rows):
+        assert torch.equal(got[b, :row.shape[0]], row) and got[b, row.shape[0]:].abs().sum() == 0
+    vis = [(0, 2, 5), (0, 11, 3), (2, 0, 4)]                            # (row, first index, length)
+    for b, first, n in vis:
+        assert (plan.labels[b, first:first + n] == -100).all() and (plan.attention_mask[b, first:first + n] == 1).all()
+    assert plan.attention_mask.sum(1).tolist() == [18, 9, 6 - 1 + 4]
+    assert torch.equal(plan.labels[1, :12], labels[1]) and (plan.labels[1, 12:] == -100).all()
     assert plan.right_padded
+    ref = model.splice(ids, feats, mask, labels)                        # the model's splice is the plan's
+    assert torch.equal(ref.embeds, got) and torch.equal(ref.labels, plan.labels)
     with pytest.raises(Exception, match="placeholder"):
         SplicePlan.build(ids, mask, labels, [5, 3])
 

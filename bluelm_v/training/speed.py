@@ -173,7 +173,7 @@ def right_padded(mask) -> bool:
 def _module_class():
     import torch
 
-    from bluelm_v.training.splice import SplicePlan, to_device
+    from bluelm_v.splice import SplicePlan, to_device
 
     class TrainStep(torch.nn.Module):
         """The module DeepSpeed wraps: BlueLMV (as ``.model``) + the chosen loss path."""

@@ -1,6 +1,6 @@
-"""Image splicing planned on the host: the same result as ``BlueLMV.splice`` without a single
-device-to-host synchronisation (``BlueLMV.splice`` reads sentinel positions and mask values from
-the device, ~4 waits per micro-batch that let the GPU run dry while the host catches up).
+"""Image splicing, planned on the host: which row of text embeddings or visual tokens each
+position of the spliced sequence takes, then one gather on the device (``BlueLMV.splice`` and
+the train step both use it; planning reads no device tensor, so a GPU step never waits on it).
 
     plan = SplicePlan.build(input_ids_cpu, attention_mask_cpu, labels_cpu, [n_tokens_of_image_i, ...])
     embeds = plan.embeds(text_embeds, visual_tokens)     # [B, L', D] on the device: one gather
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bluelm_v.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
-from bluelm_v.errors import InputError
+from .chat import IGNORE_INDEX, IMAGE_TOKEN_ID
+from .errors import InputError
 
 
 @dataclass
