@@ -3,10 +3,11 @@
 Per layer, for a chunk of T rows at positions start..start+T-1 (T = 128 in prefill, 1 at decode):
     rmsnorm (C) -> qkv projection (one fused weight: fp32 GEMM or one quantised C kernel)
     -> rope_qkv (C: RoPE of q and k, q grouped per KV head, k/v written into the static cache)
-    -> attention: T > 1  torch SDPA (flash) over the cache prefix, an additive mask built ONCE
-                         per chunk and shared by all layers; T == 1  attn_decode (C)
+    -> attention: T > 1  torch's flash attention over the cached prefix (no mask) and over the
+                         chunk itself (a causal mask built ONCE per chunk, shared by all layers),
+                         merged by log-sum-exp; T == 1  attn_decode (C)
     -> o projection + residual -> rmsnorm (C) -> gate|up projection -> silu_mul (C)
-    -> down projection + residual (addmm)
+    -> down projection + residual
 Quantised q/k/v (and gate/up) modules of one layer are fused the same way the fp32 ones are:
 one module over concatenated buffers, the original modules' buffers become views of it (no
 memory added), so a w4 decode step is 4 kernel launches per layer, not 7.
@@ -91,6 +92,24 @@ def direct_matvec(mod):
     return lambda xp, yp, ap, nt: f8(xp, 1, k, q, s, ap, n, yp, nt)
 
 
+def chunk_attention(q, kc, vc, start: int, t: int, diag_mask, scale: float):
+    """Attention of a chunk's queries q [1, KV, g*T, d] (rows (group, t)) over cache rows
+    [0, start + T) of kc/vc [1, KV, S, d]: the prefix [0, start) unmasked and the chunk's own
+    rows under the causal ``diag_mask`` [g*T, T], as two flash calls merged by their
+    log-sum-exp (the masked part stays T wide instead of start + T) -> [1, KV, g*T, d]."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    end = start + t
+    if start == 0 or flash is None:          # one masked call (the prefix columns unmasked)
+        mask = torch.cat([diag_mask.new_zeros(diag_mask.shape[0], start), diag_mask], 1)   # [gT, start+T]
+        return F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask,
+                                              scale=scale).contiguous()
+    o_pre, lse_pre = flash(q, kc[:, :, :start], vc[:, :, :start], scale=scale)          # [1,KV,gT,d], [1,KV,gT]
+    o_own, lse_own = flash(q, kc[:, :, start:end], vc[:, :, start:end], attn_mask=diag_mask, scale=scale)
+    top = torch.maximum(lse_pre, lse_own)
+    w_pre, w_own = (lse_pre - top).exp_()[..., None], (lse_own - top).exp_()[..., None]   # [1,KV,gT,1]
+    return (o_pre * w_pre + o_own * w_own).div_(w_pre + w_own)
+
+
 class CpuPath:
     """The per-layer callables and buffers of the CPU forward (see the module docstring)."""
 
@@ -172,10 +191,8 @@ class CpuPath:
         s, kv_len, threads = eng.cache.max_len, start + t, torch.get_num_threads()
         cos, sin_s = eng.cos[start:], eng.sin_signed[start:]
         mask = None
-        if t > 1:   # additive, rows (group, t): causal within the chunk, the prefix visible
-            mask = torch.zeros(t, kv_len)
-            mask[:, start:] = torch.full((t, t), float("-inf")).triu_(1)
-            mask = mask.repeat(g, 1)                                        # [g*T, kv_len]
+        if t > 1:   # additive, rows (group, t): causal within the chunk (the prefix needs none)
+            mask = torch.full((t, t), float("-inf")).triu_(1).repeat(g, 1)  # [g*T, T]
         else:
             need = threads * heads * (d + 2) + g * kv_len
             if self._scratch.numel() < need:
@@ -196,9 +213,7 @@ class CpuPath:
                 lib.attn_decode(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), heads, kv, d, s, kv_len,
                                 eng.scaling, o.data_ptr(), self._scratch.data_ptr(), threads)
             else:
-                og = F.scaled_dot_product_attention(q[None], kc[None, :, :kv_len], vc[None, :, :kv_len],
-                                                    attn_mask=mask, scale=eng.scaling)   # [1,KV,gT,d]
-                og = og.contiguous()
+                og = chunk_attention(q[None], kc[None], vc[None], start, t, mask, eng.scaling)  # [1,KV,gT,d]
                 lib.ungroup(og.data_ptr(), t, heads, kv, d, o.data_ptr())
             x = self._out_proj(o_proj, o, x)                                # [T, D]
             lib.rmsnorm(x.data_ptr(), t, big, w_post.data_ptr(), eps_post, h.data_ptr(), threads)

@@ -128,3 +128,21 @@ def test_quantised_projections_are_fused_into_views_and_decode_like_transformers
     assert len(fast._cpu._direct) == len(model.model.layers)   # decode took the direct C calls
     torch.testing.assert_close(logits, hf_logits, rtol=1e-3, atol=1e-3)
     assert toks == hf_toks
+
+
+@pytest.mark.parametrize("start", [0, 5, 40])
+def test_chunk_attention_equals_one_masked_softmax(start):
+    from bluelm_v.fast_llama_cpu import chunk_attention
+
+    torch.manual_seed(3)
+    kv, g, t, d, s = 2, 3, 6, 16, 64
+    q = torch.randn(1, kv, g * t, d)                                          # rows (group, t)
+    kc, vc = torch.randn(1, kv, s, d), torch.randn(1, kv, s, d)
+    diag = torch.full((t, t), float("-inf")).triu_(1).repeat(g, 1)            # [g*T, T]
+    got = chunk_attention(q, kc, vc, start, t, diag, 0.3)
+    end = start + t
+    scores = (q @ kc[:, :, :end].transpose(-1, -2)) * 0.3                     # [1, KV, gT, end]
+    row_t = torch.arange(g * t) % t                                           # each row's position in the chunk
+    visible = torch.arange(end)[None] <= (start + row_t)[:, None]             # [gT, end]
+    ref = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vc[:, :, :end]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
