@@ -228,3 +228,21 @@ def test_killed_worker_resumes_from_checkpoint_and_step_count_continues(tmp_path
     assert steps[restart:] == list(range(resumed + 1, total + 1))               # continues, not from 1
     assert s["steps"] == total
     assert s["frozen_unchanged"] == {"encoder": True, "llm": True}
+
+
+@pytest.mark.slow
+def test_zero3_stage1_gathers_partitioned_weights_for_the_frozen_check(tmp_path):
+    # ZeRO-3 splits every parameter between the 2 workers: the frozen-weights digest and the
+    # projector checkpoint must come from the gathered (whole) tensors, not from the shards.
+    run = tmp_path / "run"
+    proc = launch(run, "deepspeed=zero3", "train.stage=1", "train.stage1.steps=4", "train.checkpoint_every=4")
+    assert proc.returncode == 0, run.with_suffix(".log").read_text()[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    st = s["stage1"]
+    assert s["status"] == "ok" and st["steps"] == 4 and st["world_size"] == 2
+    assert st["frozen_unchanged"] == {"encoder": True, "llm": True}
+    from safetensors.torch import load_file
+
+    proj = load_file(st["projector"])                                   # whole tensors, not shards
+    assert proj and all(t.numel() > 1 for t in proj.values())
+    assert sum(t.numel() for t in proj.values()) == st["trainable_params"]["projector"]
