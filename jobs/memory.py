@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,14 +125,25 @@ def run(ctx) -> dict:
         cmd = [timer, "-v", *cmd]
     env = {**os.environ, **{k: str(v) for k, v in (job.worker_env or {}).items()}}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    (ctx.path("worker.log")).write_text(proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0 or not ctx.path("worker.json").exists():
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        raise RuntimeError(f"the measured run failed (exit {proc.returncode}); see {ctx.path('worker.log')}:\n{tail}")
+    print(f"bluelm-v: memory: measuring in a fresh process (stage lines as they happen; log: {ctx.path('worker.log')})",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryFile("w+") as err:        # a file, not a pipe: nothing blocks while stdout streams
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("[memory]"):
+                print(line.rstrip(), file=sys.stderr, flush=True)
+        returncode = proc.wait()
+        err.seek(0)
+        stdout, stderr = "".join(out), err.read()
+    (ctx.path("worker.log")).write_text(stdout + "\n" + stderr)
+    if returncode != 0 or not ctx.path("worker.json").exists():
+        tail = (stderr or stdout)[-2000:]
+        raise RuntimeError(f"the measured run failed (exit {returncode}); see {ctx.path('worker.log')}:\n{tail}")
     worker = json.loads(ctx.path("worker.json").read_text())
     peak = worker["peak_rss_mb"]
-    time_v = _time_v_max_rss_mb(proc.stderr)
+    time_v = _time_v_max_rss_mb(stderr)
     goal_mib = GOAL_BYTES / 2**20
     weights = build["weight_bytes"]
     return {

@@ -59,6 +59,9 @@ class Stages:
                            "t_s": round(time.perf_counter() - self.t0, 2)}
         if self.model is not None:                  # which weights were in memory at this point
             self.rows[name]["resident_mb"] = resident_mb(self.model)
+        row = self.rows[name]                       # progress for the parent (jobs/memory.py)
+        print(f"[memory] {name:16s} rss {row['rss_mb']:7.1f} MiB  peak {row['peak_so_far_mb']:7.1f} MiB  "
+              f"t {row['t_s']:6.1f} s", flush=True)
 
     def peak_stage(self, peak: float) -> str:
         """The first stage whose peak-so-far reached the final peak (the peak happened in it)."""

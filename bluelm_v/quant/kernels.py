@@ -8,8 +8,8 @@ Paths (bench/bench_quant_kernels.py times all of them; linear.py picks per devic
                    (the weight is re-packed once into the kernel's own layout)
   compiled         torch.compile'd dequantise + matmul (inductor fuses the unpacking)
   cpu_fused        cpu_kernels.int{4,8}_gemm_small: fused unpack + FMA over the packed weight (C)
-  cpu_tiled        cpu_kernels.int{4,8}_dequant of up to TILE_BYTES of rows (at least TILE_ROWS)
-                   into a buffer + one fp32 GEMM per tile (cpu_layer_ops.linear: oneDNN, else MKL)
+  cpu_tiled        cpu_kernels.int{4,8}_dequant of the whole W (<= TILE_BYTES in fp32) + one GEMM
+                   (cpu_layer_ops.linear: oneDNN, else MKL), or of TILE_ROWS rows at a time + MKL
   ort, ort_int8act ONNX Runtime MatMulNBits (CPU), fp32 compute / int8 activations (accuracy 4)
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from . import cpu_kernels, packing
 INT8_PATHS = ("dequant", "torch_int8pack", "compiled", "ort", "cpu_fused", "cpu_tiled")
 INT4_PATHS = ("dequant", "torch_int4pack", "compiled", "ort", "ort_int8act", "cpu_fused", "cpu_tiled")
 TILE_ROWS = 256
-TILE_BYTES = 8 << 20      # fp32 rows dequantised at once: SmolLM2's gate|up (3072 x 576) in one tile
+TILE_BYTES = 8 << 20      # W dequantised whole up to this: SmolLM2's gate|up (3072 x 576) is 7 MB
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -175,24 +175,30 @@ def int8_fused_cpu(lib, x, q, scale, bias=None) -> torch.Tensor:
 
 
 def _tiled(dequant_rows, x, n: int, bias) -> torch.Tensor:
-    """y = x @ W.T with W dequantised a tile of output rows at a time into one buffer (at most
-    TILE_BYTES, at least TILE_ROWS rows), so no full fp32 copy of a large W ever exists (a
-    122753 x 2304 lm_head would be 1.1 GB); a W that fits one tile is one GEMM into y."""
-    from ..cpu_layer_ops import linear
-
-    x = x.float().contiguous()
+    """y = x @ W.T. A W of at most TILE_BYTES in fp32 is dequantised whole and multiplied in one
+    GEMM (cpu_layer_ops.linear: oneDNN, else MKL); a larger one TILE_ROWS output rows at a time
+    into one reused buffer, so no full fp32 copy of it ever exists (a 122753 x 2304 lm_head
+    would be 1.1 GB; the memory job's 2.2 GB budget has no room for bigger tiles)."""
+    x = x.float()
     m, k = x.shape
-    rows = min(n, max(TILE_ROWS, TILE_BYTES // (4 * k)))
-    buf = torch.empty((rows, k), dtype=torch.float32)                         # [T, K]
-    if rows == n:
+    if n * k * 4 <= TILE_BYTES:
+        from ..cpu_layer_ops import linear
+
+        buf = torch.empty((n, k), dtype=torch.float32)                        # [N, K]
         dequant_rows(0, n, buf)
-        y = linear(x, buf)                                                    # [M, N]
-    else:
-        y = torch.empty((m, n), dtype=torch.float32)                          # [M, N]
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            dequant_rows(r0, r1, buf)
-            y[:, r0:r1] = linear(x, buf[: r1 - r0])
+        y = linear(x.contiguous(), buf)                                       # [M, N]
+        return y if bias is None else y.add_(bias)
+    y = torch.empty((m, n), dtype=torch.float32)                              # [M, N]
+    buf = torch.empty((min(TILE_ROWS, n), k), dtype=torch.float32)            # [T, K]
+    part = torch.empty((m, min(TILE_ROWS, n)), dtype=torch.float32)           # [M, T]
+    for r0 in range(0, n, TILE_ROWS):
+        r1 = min(n, r0 + TILE_ROWS)
+        dequant_rows(r0, r1, buf)
+        if r1 - r0 == part.shape[1]:
+            torch.mm(x, buf.t(), out=part)
+            y[:, r0:r1].copy_(part)
+        else:
+            y[:, r0:r1] = x @ buf[: r1 - r0].t()
     return y if bias is None else y.add_(bias)
 
 
