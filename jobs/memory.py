@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from bluelm_v.errors import ConfigError
 from bluelm_v.job import write_json
+from bluelm_v.jobs.memory_worker import release_heap
 
 GOAL_BYTES = 2.2e9        # the paper's 2.2 GB (decimal): 2098 MiB
 
@@ -89,23 +90,11 @@ def build_checkpoint(ctx, directory: Path) -> dict:
             "quantizer": quantizer.describe()}
     write_json(tmp / "complete.json", info)
     del model
-    _release_heap()
+    release_heap()           # the build's freed memory back to the OS before the measured process starts
     shutil.rmtree(directory, ignore_errors=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, directory)
     return {**info, "reused": False}
-
-
-def _release_heap() -> None:
-    """Give the build's freed memory back to the OS before the measured process starts."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _time_v_max_rss_mb(stderr: str) -> float | None:
