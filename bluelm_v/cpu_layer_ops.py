@@ -25,9 +25,6 @@ BLUELM_V_NO_CPU_KERNELS=1; the engine then uses its torch path.
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
-import threading
 
 C_SOURCE = r"""
 #include <math.h>
@@ -171,33 +168,14 @@ _SIGNATURES = {
     "silu_mul": [_P, _I, _I, _P, _I],
     "attn_decode": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, _I],
 }
-_LOCK = threading.Lock()
 _LIB: list = []
 
 
 def library():
     """The loaded helper library (built on first use), or None where it cannot be built."""
-    if _LIB:
-        return _LIB[0]
-    with _LOCK:
-        if _LIB:
-            return _LIB[0]
-        from .quant import cpu_kernels
+    from .quant import cpu_kernels
 
-        lib, cc = None, cpu_kernels._compiler()
-        if os.environ.get("BLUELM_V_NO_CPU_KERNELS") != "1" and cc is not None:
-            try:
-                import torch  # noqa: F401 -- torch's libgomp first: one OpenMP pool for both
-                lib = ctypes.CDLL(str(cpu_kernels._build(cc, C_SOURCE, "bluelm_v_layer_ops", ("-lm",))))
-                for name, args in _SIGNATURES.items():
-                    getattr(lib, name).argtypes = args
-                    getattr(lib, name).restype = None
-            except (OSError, Exception) as exc:  # noqa: BLE001 -- any build failure: torch path
-                print(f"bluelm-v: warning: CPU layer kernels unavailable ({str(exc)[:200]}); "
-                      "using torch ops", file=sys.stderr)
-                lib = None
-        _LIB.append(lib)
-        return lib
+    return cpu_kernels.load(C_SOURCE, "bluelm_v_layer_ops", _SIGNATURES, _LIB, "CPU layer kernels", ("-lm",))
 
 
 _GEMM: list = []

@@ -126,7 +126,8 @@ class TritonDecodeEngine(FastLlamaEngine):
         self.triton_ok = (triton_usable(self.device) and all(p is not None for p in self.plain)
                           and type(lm) is torch.nn.Linear and lm.bias is None
                           and type(emb) is torch.nn.Embedding and getattr(norm, "weight", None) is not None
-                          and self.dtype in (torch.bfloat16, torch.float16, torch.float32))
+                          and self.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                          and self.head_dim & (self.head_dim - 1) == 0)      # tl.arange(0, HEAD_D)
         self.configs = dict(DEFAULTS)
         self.configs.update(configs or {})
         self.fixed = set(configs or {})

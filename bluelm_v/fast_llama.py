@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .kv_cache import allocate_static
 
-RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "NativeRMSNorm")   # same maths (bluelm_v/native.py)
 
 
 def model_dtype_device(hf_model):
@@ -127,6 +127,7 @@ class FastLlamaEngine:
         sign = torch.ones(d, dtype=self.dtype, device=self.device)
         sign[: d // 2] = -1
         self.sin_signed = (sin[0] * sign).contiguous()   # rotate_half(x)*sin == roll(x, d/2)*sin_signed
+        self.fuse = fuse
         self.qkv = [_fuse(l.self_attn, ("q_proj", "k_proj", "v_proj")) if fuse else None for l in self.layers]
         self.gate_up = [_fuse(l.mlp, ("gate_proj", "up_proj")) if fuse else None for l in self.layers]
         self.q_dim, self.kv_dim = self.n_heads * d, self.n_kv * d

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_layer_ops
+from .fast_llama import RMSNORMS
 
 
 def fuse_quantized(module, names):
@@ -107,7 +108,7 @@ def chunk_attention(q, kc, vc, start: int, t: int, diag_mask, scale: float):
     o_own, lse_own = flash(q, kc[:, :, start:end], vc[:, :, start:end], attn_mask=diag_mask, scale=scale)
     top = torch.maximum(lse_pre, lse_own)
     w_pre, w_own = (lse_pre - top).exp_()[..., None], (lse_own - top).exp_()[..., None]   # [1,KV,gT,1]
-    return (o_pre * w_pre + o_own * w_own).div_(w_pre + w_own)
+    return (o_pre * w_pre + o_own * w_own).div_(w_pre + w_own).contiguous()      # ungroup reads it raw
 
 
 class CpuPath:
@@ -119,12 +120,12 @@ class CpuPath:
         for i, layer in enumerate(eng.layers):
             a, m = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(type(n).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") for n in norms) or \
+            if any(type(n).__name__ not in RMSNORMS for n in norms) or \
                     getattr(eng.model.config, "hidden_act", "silu") != "silu":
                 self.layers = None
                 return
-            qkv = self._projection(eng.qkv[i], a, ("q_proj", "k_proj", "v_proj"))
-            gu = self._projection(eng.gate_up[i], m, ("gate_proj", "up_proj"))
+            qkv = self._projection(eng.qkv[i], a, ("q_proj", "k_proj", "v_proj"), eng.fuse)
+            gu = self._projection(eng.gate_up[i], m, ("gate_proj", "up_proj"), eng.fuse)
             if qkv is None or gu is None:
                 self.layers = None
                 return
@@ -146,8 +147,9 @@ class CpuPath:
             self._direct.append((fns, qkv.out_features, gu.out_features))
 
     @staticmethod
-    def _projection(fused_fp, module, names):
-        """x [T, K] -> [T, sum(N)] for the named projections, with one weight where possible."""
+    def _projection(fused_fp, module, names, fuse: bool = True):
+        """x [T, K] -> [T, sum(N)] for the named projections, with one weight where possible
+        (quantised ones are fused into shared buffers only when the engine fuses)."""
         mods = [getattr(module, n) for n in names]
         if any(_hooked(m) for m in mods):
             return lambda x: torch.cat([m(x) for m in mods], -1)
@@ -156,7 +158,7 @@ class CpuPath:
             if bias is None and weight.dtype == torch.float32 and weight.is_contiguous():
                 return lambda x: cpu_layer_ops.linear(x, weight)
             return lambda x: F.linear(x, weight, bias)
-        q = fuse_quantized(module, names)
+        q = fuse_quantized(module, names) if fuse else None
         if q is not None:
             return q
         return lambda x: torch.cat([m(x) for m in mods], -1)

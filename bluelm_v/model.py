@@ -122,12 +122,16 @@ class BlueLMV(torch.nn.Module):
         """input_ids [B,L] with one IMAGE_TOKEN_ID per image, images: list of [K_i,3,B,B]."""
         features = self.image_features(list(images or []))
         s = self.splice(input_ids, features, attention_mask, labels)
-        if s.embeds.shape[1] > self.llm.max_context:
-            raise InputError(f"input: {s.embeds.shape[1]} tokens after splicing the images exceed "
-                             f"the LLM context of {self.llm.max_context}")
+        self.check_context(s.embeds.shape[1])
         out = self.llm.model(inputs_embeds=s.embeds, attention_mask=s.attention_mask,
                              labels=s.labels, use_cache=False, **llm_kwargs)
         return BlueLMVOutput(out.loss, out.logits, s.attention_mask, s.labels)
+
+    def check_context(self, n_tokens: int) -> None:
+        """InputError when a spliced sequence of ``n_tokens`` does not fit the LLM's context."""
+        if n_tokens > self.llm.max_context:
+            raise InputError(f"input: {n_tokens} tokens after splicing the images exceed "
+                             f"the LLM context of {self.llm.max_context}")
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Parameters per part (training freezes/decays them per part)."""

@@ -69,8 +69,7 @@ class SplicePlan:
             out_mask[b, :row.shape[0]] = rows_m[b]
             if out_labels is not None:
                 out_labels[b, :row.shape[0]] = rows_l[b]
-        padded_right = bool((out_mask[:, 1:] <= out_mask[:, :-1]).all())
-        return cls(index, out_mask, out_labels, padded_right)
+        return cls(index, out_mask, out_labels, right_padded(out_mask))
 
     def embeds(self, text, visual):
         """text [B, L, D] (embeddings of the ids), visual [sum N, D] -> [B, L', D] (one gather)."""
@@ -80,6 +79,11 @@ class SplicePlan:
         src = torch.cat([text.reshape(-1, d), visual.to(text.dtype), text.new_zeros(1, d)])  # [B*L + N + 1, D]
         index = to_device(self.index, text.device)
         return src[index]                                                   # [B, L', D]
+
+
+def right_padded(mask) -> bool:
+    """True when every row of a [B, L] 0/1 mask is ones then zeros (or has no zeros)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def to_device(t, device):

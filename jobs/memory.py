@@ -117,13 +117,17 @@ def run(ctx) -> dict:
     print(f"bluelm-v: memory: measuring in a fresh process (stage lines as they happen; log: {ctx.path('worker.log')})",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryFile("w+") as err:        # a file, not a pipe: nothing blocks while stdout streams
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        out = []
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith("[memory]"):
-                print(line.rstrip(), file=sys.stderr, flush=True)
-        returncode = proc.wait()
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env) as proc:
+            out = []
+            try:
+                for line in proc.stdout:
+                    out.append(line)
+                    if line.startswith("[memory]"):
+                        print(line.rstrip(), file=sys.stderr, flush=True)
+            except BaseException:                    # e.g. Ctrl-C: never leave the measured process behind
+                proc.kill()
+                raise
+            returncode = proc.wait()
         err.seek(0)
         stdout, stderr = "".join(out), err.read()
     (ctx.path("worker.log")).write_text(stdout + "\n" + stderr)

@@ -90,11 +90,14 @@ def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
     model = _tiny_llm()
     emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 300)))       # [1,300,64]
     fast = FastLlamaEngine(model)
-    assert fast._cpu is not None
-    calls = []
+    assert fast._cpu is not None                    # usable once begin() allocates the fp32 cache
+    calls, c_rows = [], []
     handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    c_forward = fast._cpu.forward
+    fast._cpu.forward = lambda x, start: c_rows.append(x.shape[0]) or c_forward(x, start)
     got, got_toks = _run(fast, emb, 128, 0)
     handle.remove()
+    assert c_rows == [128, 128, 44]                 # every chunk went through the C-helper path
     assert len(calls) == 1                          # 3 chunks, logits of the last one only
     ref_engine = FastLlamaEngine(model)
     ref_engine._cpu = None                          # the generic torch path
@@ -146,3 +149,13 @@ def test_chunk_attention_equals_one_masked_softmax(start):
     visible = torch.arange(end)[None] <= (start + row_t)[:, None]             # [gT, end]
     ref = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vc[:, :, :end]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_lib
+def test_loading_the_c_libraries_keeps_denormals_in_torch():
+    # -ffast-math at link time would add GCC's crtfastmath: flush-to-zero for the whole process
+    from bluelm_v.quant import cpu_kernels
+
+    assert cpu_kernels.library() is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)                 # a float32 denormal
+    assert float(tiny * 1.0) != 0.0 and float(tiny / 2) != 0.0

@@ -122,7 +122,7 @@ def test_splice_plan_puts_each_image_at_its_placeholder():
 def test_right_padded_detects_left_padding():
     import torch
 
-    from bluelm_v.training.speed import right_padded
+    from bluelm_v.splice import right_padded
 
     assert right_padded(torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))

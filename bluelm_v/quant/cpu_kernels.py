@@ -291,7 +291,11 @@ _SIGNATURES = {
     "int4_dequant": [_P, _P, _P, _I, _I, _I, _I, _P, _I],
     "int8_dequant": [_P, _P, _I, _I, _I, _P, _I],
 }
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# Compiled with -ffast-math (vectorised float reductions) but LINKED without it: linking with it
+# pulls in GCC's crtfastmath start-up code, which turns on flush-to-zero for the whole process
+# (torch's numerics included) as soon as the library loads.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
 def cache_dir() -> Path:
@@ -304,42 +308,47 @@ def _compiler() -> str | None:
 
 def _build(cc: str, source: str = C_SOURCE, stem: str = "bluelm_v_quant", libs: tuple = ()) -> Path:
     """Compile ``source`` once per (source, compiler, flags) into the cache; the .so path."""
-    key = hashlib.sha256((source + cc + " ".join(FLAGS + list(libs))).encode()).hexdigest()[:16]
+    key = hashlib.sha256((source + cc + " ".join(FLAGS + LINK_FLAGS + list(libs))).encode()).hexdigest()[:16]
     target = cache_dir() / f"{stem}_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+        src, obj, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.o", Path(tmp) / "kernels.so"
         src.write_text(source)
-        subprocess.run([cc, *FLAGS, str(src), "-o", str(out), *libs], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *LINK_FLAGS, str(obj), "-o", str(out), *libs], check=True, capture_output=True, text=True)
         os.replace(out, target)  # atomic: concurrent builders never see a half-written library
     return target
+
+
+def load(source: str, stem: str, signatures: dict, slot: list, what: str, libs: tuple = ()):
+    """Build (once) and load a C library with ctypes ``signatures`` ({name: argtypes}, void
+    results), cached in ``slot``; None without a compiler, with BLUELM_V_NO_CPU_KERNELS=1, or when
+    the build fails (a warning with the compiler's message names ``what`` falls back to torch)."""
+    if slot:
+        return slot[0]
+    with _LOCK:
+        if slot:
+            return slot[0]
+        lib, cc = None, _compiler()
+        if os.environ.get("BLUELM_V_NO_CPU_KERNELS") != "1" and cc is not None:
+            try:
+                import torch  # noqa: F401 -- load torch's libgomp first so both share one OpenMP pool
+                lib = ctypes.CDLL(str(_build(cc, source, stem, libs)))
+                for name, args in signatures.items():
+                    getattr(lib, name).argtypes = args
+                    getattr(lib, name).restype = None
+            except (OSError, subprocess.CalledProcessError) as exc:
+                detail = getattr(exc, "stderr", "") or str(exc)
+                print(f"bluelm-v: warning: {what} could not be built with {cc} ({detail.strip()[:300]}); "
+                      "using torch ops instead", file=sys.stderr)
+                lib = None
+        slot.append(lib)
+        return lib
 
 
 def library():
     """The loaded kernel library, building it on first use; None when it cannot be built
     (no compiler, or BLUELM_V_NO_CPU_KERNELS=1): callers then use torch fallbacks."""
-    if _LIB:
-        return _LIB[0]
-    with _LOCK:
-        if _LIB:
-            return _LIB[0]
-        lib = None
-        cc = _compiler()
-        if os.environ.get("BLUELM_V_NO_CPU_KERNELS") == "1" or cc is None:
-            _LIB.append(None)
-            return None
-        try:
-            import torch  # noqa: F401 -- load torch's libgomp first so both share one OpenMP pool
-            lib = ctypes.CDLL(str(_build(cc)))
-            for name, args in _SIGNATURES.items():
-                getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = None
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", "") or str(exc)
-            print(f"bluelm-v: warning: CPU quant kernels could not be built with {cc} ({detail.strip()[:300]}); "
-                  "using torch dequantise-then-matmul instead", file=sys.stderr)
-            lib = None
-        _LIB.append(lib)
-        return lib
+    return load(C_SOURCE, "bluelm_v_quant", _SIGNATURES, _LIB, "CPU quant kernels")

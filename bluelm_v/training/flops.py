@@ -19,10 +19,15 @@ GPU_PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 31
 PARTS = ("encoder", "downsampler", "projector", "llm")
 
 
+def full_numel(t) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (its shard is then empty)."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
 def matmul_params(module) -> int:
     import torch
 
-    return sum(m.weight.numel() for m in module.modules()
+    return sum(full_numel(m.weight) for m in module.modules()
                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
 
 

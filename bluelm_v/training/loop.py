@@ -9,6 +9,7 @@ directory) and training continues at the step stored in it, on the same data ord
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def train_stage(config: dict) -> None:
     from bluelm_v.plugin_manager import get as get_plugins
     from bluelm_v.training.data import LengthGroupedPlan, collate
     from bluelm_v.training.evaluate import evaluate
-    from bluelm_v.training.flops import StepFlops, device_peak_flops
+    from bluelm_v.training.flops import StepFlops, device_peak_flops, full_numel
     from bluelm_v.training.optim import (build_param_groups, freeze_except, lr_multiplier, set_lr,
                                          warmup_steps_for)
     from bluelm_v.training.speed import apply_speed_options
@@ -142,6 +143,13 @@ def train_stage(config: dict) -> None:
     model.train()
     base_digest = digests(None, model, ("encoder", "llm"))      # before any optimizer step
     speed = dict(config.get("speed") or {})
+    if int(speed.get("loss_chunk_tokens") or 0) and config["deepspeed"].get("zero_optimization", {}).get("stage") == 3:
+        # the chunked loss multiplies by the LM head's weight outside the head's own forward, where
+        # ZeRO-3 never gathers it: use the model's loss instead of failing on a partitioned weight
+        if rank == 0:
+            print("bluelm-v: warning: train.loss_chunk_tokens is ignored under ZeRO-3 (the LM head weight stays "
+                  "partitioned outside its module); training with the model's own loss", file=sys.stderr, flush=True)
+        speed["loss_chunk_tokens"] = 0
     net = apply_speed_options(model, speed)                    # TrainStep: BlueLMV + loss path
     opt = config["optim"]
     groups = build_param_groups(model, trainable, opt["lr"], opt["weight_decay"], opt.get("layer_decay", 1.0))
@@ -222,7 +230,7 @@ def train_stage(config: dict) -> None:
     # -- after the last step: checks, evaluation, exports, the final checkpoint -------------
     final = dict(last, total_steps=total, warmup_steps=warmup, world_size=world, peak_flops=peak,
                  peak_source=peak_src, data=ds.summary(), resumed_from_step=resumed_from,
-                 trainable_params={p: sum(q.numel() for q in getattr(model, p).parameters() if q.requires_grad)
+                 trainable_params={p: sum(full_numel(q) for q in getattr(model, p).parameters() if q.requires_grad)
                                    for p in ("encoder", "downsampler", "projector", "llm")})
     after = digests(engine, model, ("encoder", "llm"))
     final["base_digest"] = base_digest

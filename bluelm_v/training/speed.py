@@ -43,10 +43,11 @@ def set_sdpa_backend(name: str | None) -> None:
 def compile_blocks(model, mode: str | None = "default") -> int:
     """Regional torch.compile: every LLM decoder layer and encoder layer (layers of one kind share
     one graph; norms, rotary, activations and residual adds fuse into a few Triton kernels).
-    Shapes are compiled static (a new micro-batch shape recompiles). Returns the layer count."""
+    The first shape compiles static; a second one (another sequence length or crop count, as in
+    LLaVA data) recompiles once with those sizes dynamic (torch's automatic dynamic shapes), so
+    varying batches do not recompile every step. Returns the layer count."""
     import torch
 
-    torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     kw = {} if mode in (None, "default") else {"mode": mode}
     n = 0
@@ -165,15 +166,10 @@ def chunked_linear_ce(hidden, weight, targets, chunk: int = 2048, compiled: bool
     return _FN["fn"].apply(hidden, weight, targets, int(chunk), bool(compiled))
 
 
-def right_padded(mask) -> bool:
-    """True when every row of a [B, L] 0/1 mask is ones then zeros (or has no zeros)."""
-    return bool((mask[:, 1:] <= mask[:, :-1]).all())
-
-
 def _module_class():
     import torch
 
-    from bluelm_v.splice import SplicePlan, to_device
+    from bluelm_v.splice import SplicePlan, right_padded, to_device
 
     class TrainStep(torch.nn.Module):
         """The module DeepSpeed wraps: BlueLMV (as ``.model``) + the chosen loss path."""
@@ -205,11 +201,7 @@ def _module_class():
                 s = m.splice(input_ids, m.image_features(images), attention_mask, labels)
                 embeds, mask, spliced_labels = s.embeds, s.attention_mask, s.labels
                 padded_right = right_padded(mask)
-            if embeds.shape[1] > m.llm.max_context:
-                from bluelm_v.errors import InputError
-
-                raise InputError(f"input: {embeds.shape[1]} tokens after splicing the images exceed "
-                                 f"the LLM context of {m.llm.max_context}")
+            m.check_context(embeds.shape[1])
             mask = None if padded_right else to_device(mask, dev)
             lm = m.llm.model                                              # LlamaForCausalLM
             hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
