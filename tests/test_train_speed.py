@@ -83,6 +83,29 @@ def test_fused_chunk_formulation_equals_eager_one():
     assert float(l1) == pytest.approx(float(ref), rel=1e-5)
 
 
+def test_compiled_loss_path_pads_chunks_and_keeps_loss_and_grads(monkeypatch):
+    # The compiled path pads each chunk to PAD_ROWS rows of ignored targets; the fused function
+    # stands in for its torch.compile'd form (same maths, no compiler needed here).
+    import torch
+
+    from bluelm_v.training import speed
+
+    monkeypatch.setitem(speed._COMPILED_CHUNK, "fn", speed.ce_chunk_fused)
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(300, 16, generator=gen, requires_grad=True)                 # [N, D]
+    w = torch.randn(50, 16, generator=gen, requires_grad=True)                  # [V, D]
+    y = torch.randint(0, 50, (300,), generator=gen)
+    y[::7] = -100
+    loss = speed.chunked_linear_ce(h, w, y, chunk=100, compiled=True)          # chunks of 100 -> padded to 128
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h2 @ w2.t(), y, ignore_index=-100)
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_splice_plan_puts_each_image_at_its_placeholder():
     import torch
 
