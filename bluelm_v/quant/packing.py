@@ -65,6 +65,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return out.view(n, 2 * half)
 
 
+def _codes(w, s, z):
+    """Nearest INT4 codes (0..15, as float) of w [b,G,g] on the grid of s (and z; None: symmetric)."""
+    return torch.round(w / s).clamp_(-8, 7) + 8 if z is None else torch.round((w - z) / s).clamp_(0, 15)
+
+
+def _keep_better(best, q, s, z, e):
+    """Per group, (q, s, z, e) where its error e beats best's, else best's own."""
+    better = e < best[3]
+    return (torch.where(better, q, best[0]), torch.where(better, s, best[1]),
+            None if z is None else torch.where(better, z, best[2]), torch.minimum(e, best[3]))
+
+
 def _ls_fit(w, q, symmetric: bool, fallback):
     """Least-squares (scale, zero) of w [b,G,g] for fixed codes q (zero None when symmetric)."""
     if symmetric:                          # min_s sum (s (q-8) - w)^2
@@ -93,11 +105,8 @@ def _search(w, best, err, n_steps: int = 20):
         else:
             q = torch.round((w - lo) * ((15.0 + t) / span)).clamp_(0, 15)
         s, z = _ls_fit(w, q, symmetric, best[1])
-        q = torch.round(w / s).clamp_(-8, 7) + 8 if symmetric else torch.round((w - z) / s).clamp_(0, 15)
-        e = err(q, s, z)
-        better = e < best[3]
-        best = (torch.where(better, q, best[0]), torch.where(better, s, best[1]),
-                None if z is None else torch.where(better, z, best[2]), torch.minimum(e, best[3]))
+        q = _codes(w, s, z)
+        best = _keep_better(best, q, s, z, err(q, s, z))
     return best
 
 
@@ -114,11 +123,8 @@ def _refine(w, q, s, z, steps: int):
     q = best[0]
     for _ in range(steps):
         s, z = _ls_fit(w, q, best[2] is None, best[1])
-        q = torch.round(w / s).clamp_(-8, 7) + 8 if z is None else torch.round((w - z) / s).clamp_(0, 15)
-        e = err(q, s, z)
-        better = e < best[3]
-        best = (torch.where(better, q, best[0]), torch.where(better, s, best[1]),
-                None if z is None else torch.where(better, z, best[2]), torch.minimum(e, best[3]))
+        q = _codes(w, s, z)
+        best = _keep_better(best, q, s, z, err(q, s, z))
     return best[0], best[1], best[2]
 
 
@@ -140,14 +146,13 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64, symmetric: bool = 
             idx = w.abs().argmax(dim=2, keepdim=True)
             s = (torch.gather(w, 2, idx) / -8.0).to(SCALE_DTYPE).float()      # [b, G, 1]
             s = torch.where(s != 0, s, torch.ones_like(s))
-            q = torch.round(w / s).clamp_(-8, 7) + 8
             z = None
         else:
             lo, hi = w.amin(dim=2, keepdim=True), w.amax(dim=2, keepdim=True)
             s = ((hi - lo) / 15.0).to(SCALE_DTYPE).float()                    # [b, G, 1]
             s = torch.where(s > 0, s, torch.ones_like(s))
             z = lo.to(SCALE_DTYPE).float()
-            q = torch.round((w - z) / s).clamp_(0, 15)
+        q = _codes(w, s, z)
         if refine:
             q, s, z = _refine(w, q, s, z, refine)
         if z is not None:

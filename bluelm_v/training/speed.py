@@ -169,7 +169,7 @@ def chunked_linear_ce(hidden, weight, targets, chunk: int = 2048, compiled: bool
 def _module_class():
     import torch
 
-    from bluelm_v.splice import SplicePlan, right_padded, to_device
+    from bluelm_v.splice import SplicePlan, to_device
 
     class TrainStep(torch.nn.Module):
         """The module DeepSpeed wraps: BlueLMV (as ``.model``) + the chosen loss path."""
@@ -189,20 +189,15 @@ def _module_class():
             if not self.loss_chunk_tokens:
                 return m(input_ids=to_device(input_ids, dev), attention_mask=to_device(attention_mask, dev),
                          labels=to_device(labels, dev), images=images)
-            if input_ids.device.type == "cpu":       # plan the splice on the host: no device reads
-                plan = SplicePlan.build(input_ids, attention_mask, labels,
-                                        [int(im.shape[0]) * m.tokens_per_crop for im in images])
-                text = m.llm.embed(to_device(input_ids.clamp(min=0), dev))       # [B, L, D]
-                visual = (m.encode_images(torch.cat(images)) if images           # [sum N, D]
-                          else text.new_zeros(0, text.shape[-1]))
-                embeds, mask, spliced_labels = plan.embeds(text, visual), plan.attention_mask, plan.labels
-                padded_right = plan.right_padded
-            else:
-                s = m.splice(input_ids, m.image_features(images), attention_mask, labels)
-                embeds, mask, spliced_labels = s.embeds, s.attention_mask, s.labels
-                padded_right = right_padded(mask)
+            # the splice is planned on the host (host inputs: no device reads at all)
+            host = [None if t is None else t.cpu() for t in (input_ids, attention_mask, labels)]
+            plan = SplicePlan.build(*host, [int(im.shape[0]) * m.tokens_per_crop for im in images])
+            text = m.llm.embed(to_device(input_ids.clamp(min=0), dev))           # [B, L, D]
+            visual = (m.encode_images(torch.cat(images)) if images               # [sum N, D]
+                      else text.new_zeros(0, text.shape[-1]))
+            embeds, spliced_labels = plan.embeds(text, visual), plan.labels
             m.check_context(embeds.shape[1])
-            mask = None if padded_right else to_device(mask, dev)
+            mask = None if plan.right_padded else to_device(plan.attention_mask, dev)
             lm = m.llm.model                                              # LlamaForCausalLM
             hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
             d = hidden.shape[-1]                                          # hidden [B, L, D]
