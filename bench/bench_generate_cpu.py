@@ -7,7 +7,9 @@ vs llama.cpp (llama-cpp-python) on the very same GGUF file, all in one run. Prin
 
 Systems: llama_cpp, transformers (fp32 generate), ours (fp32), ours_w8 (INT8 weights incl. the
 tied embedding/lm_head), ours_w4_g64 / ours_w4_g32 (INT4 layers, INT8 embedding/lm_head, as
-llama.cpp's Q4 files keep theirs at 8 bits); ours = FastLlamaEngine, --chunk rows per prefill
+llama.cpp's Q4 files keep theirs at 8 bits), ours_w4_g64_bf16 (the same with kernel=cpu_bf16:
+prefill GEMMs in bf16), ours_w4_g64_fp32kv (decode attention over the fp32 cache instead of the
+fp16 mirror); ours = FastLlamaEngine, --chunk rows per prefill
 forward (default 128, the runtime's default).
 
 Needs the bench extra: pip install llama-cpp-python==0.3.36 (builds from source, ~8 min).
@@ -47,13 +49,13 @@ def load_llm(registry, quantizer: str | None = None, **qkw):
 
 
 class Ours:
-    def __init__(self, registry, label, quantizer=None, chunk=128, **qkw):
+    def __init__(self, registry, label, quantizer=None, chunk=128, engine_kw=None, **qkw):
         label = f"{label} (chunk {chunk})"
         from bluelm_v.engines import make_engine
 
         self.label, self.chunk = label, chunk
         self.llm = load_llm(registry, quantizer, **qkw)
-        self.engine = make_engine(self.llm.model, "auto")
+        self.engine = make_engine(self.llm.model, "auto", **(engine_kw or {}))
 
     def run(self, ids, n_new):
         import torch
@@ -155,6 +157,10 @@ def main() -> None:
                                 targets=["llm"], embeddings=True),
         "ours_w4_g64": lambda: Ours(registry, "ours, w4 g64 (INT8 embedding)", "w4", args.chunk,
                                     targets=["llm"], group_size=64),
+        "ours_w4_g64_bf16": lambda: Ours(registry, "ours, w4 g64, bf16 prefill GEMMs (kernel=cpu_bf16)", "w4",
+                                         args.chunk, targets=["llm"], group_size=64, kernel="cpu_bf16"),
+        "ours_w4_g64_fp32kv": lambda: Ours(registry, "ours, w4 g64, decode over the fp32 cache", "w4", args.chunk,
+                                           engine_kw=dict(cpu_half_kv=False), targets=["llm"], group_size=64),
         "ours_w4_g32": lambda: Ours(registry, "ours, w4 g32 (INT8 embedding)", "w4", args.chunk,
                                     targets=["llm"], group_size=32),
     }

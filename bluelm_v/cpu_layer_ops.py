@@ -12,6 +12,8 @@ pass, serially below PARALLEL_MIN elements (no fork/join at all), with fp32 math
   silu_mul       gate|up [T, 2F] -> silu(gate) * up [T, F]
   attn_decode    one query row per head over kv_len cached keys (fp32 softmax), [H*d] out;
                  the keys are split between the threads, partial results merged (one fork/join)
+  attn_decode_f16  the same over an fp16 mirror of the cache (keys in transposed blocks of
+                 16: scores as 16-lane FMAs), after copying the step's new row into it
 
 ``linear(x, w)`` is the CPU path's fp32 GEMM for chunks of rows (prefill): oneDNN's linear
 (torch.ops.mkldnn._linear_pointwise, plain weight, no re-packing) where it exists and agrees with
@@ -28,9 +30,13 @@ import ctypes
 
 C_SOURCE = r"""
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__AVX512F__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
 #define PARALLEL_MIN (1 << 19)
 
 void rmsnorm(const float* x, int T, int D, const float* w, float eps, float* out, int threads) {
@@ -89,8 +95,102 @@ void silu_mul(const float* gu, int T, int F, float* out, int threads) {
    together (every key/value row read once), per-head (max, sum, unnormalised out); merged after. */
 #define DMAX 256
 #define GMAX 16
-void attn_decode(const float* q, const float* k_cache, const float* v_cache, int H, int KV, int d,
-                 int S, int kv_len, float scale, float* out, float* scratch, int threads) {
+/* The fp16 mirror (AVX-512 + F16C only; has_fast_f16() says whether this build has it): values
+   [KV, S, d] as rows, keys [KV, S/16, d, 16] (blocks of 16 keys, transposed: a block's scores
+   are 16-lane FMAs over d, no horizontal sums) */
+int has_fast_f16(void) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* scores sc[gi * n + s - s0] = scale * q_gi . k_s for s in [s0, s1), max per query head -> m */
+static void score_keys(const float* qh, const void* k_cache, int half, int g, int d, size_t kv0, size_t blk0,
+                       int s0, int s1, float scale, float* sc, float* m) {
+    int n = s1 - s0;
+    for (int gi = 0; gi < g; gi++) m[gi] = -INFINITY;
+#if defined(__AVX512F__) && defined(__F16C__)
+    if (half) {                                   /* s0 is a multiple of 16 */
+        for (int b = s0 / 16; b * 16 < s1; b++) {
+            const uint16_t* kb = (const uint16_t*)k_cache + (blk0 + b) * (size_t)d * 16;
+            __m512 acc[GMAX];
+            for (int gi = 0; gi < g; gi++) acc[gi] = _mm512_setzero_ps();
+            for (int j = 0; j < d; j++) {
+                __m512 kj = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(kb + j * 16)));
+                for (int gi = 0; gi < g; gi++) acc[gi] = _mm512_fmadd_ps(_mm512_set1_ps(qh[gi * d + j]), kj, acc[gi]);
+            }
+            int valid = s1 - b * 16 < 16 ? s1 - b * 16 : 16;
+            __mmask16 mk = (__mmask16)((1u << valid) - 1u);
+            for (int gi = 0; gi < g; gi++) {
+                __m512 v = _mm512_mul_ps(acc[gi], _mm512_set1_ps(scale));
+                _mm512_mask_storeu_ps(sc + (size_t)gi * n + b * 16 - s0, mk, v);
+                float mx = _mm512_mask_reduce_max_ps(mk, v);
+                if (mx > m[gi]) m[gi] = mx;
+            }
+        }
+        return;
+    }
+#endif
+    const float* kh = (const float*)k_cache + kv0;
+    for (int s = s0; s < s1; s++) {
+        const float* kr = kh + (size_t)s * d;
+        for (int gi = 0; gi < g; gi++) {
+            const float* qg = qh + (size_t)gi * d;
+            float dot = 0.f;
+            for (int j = 0; j < d; j++) dot += qg[j] * kr[j];
+            dot *= scale;
+            sc[(size_t)gi * n + s - s0] = dot;
+            if (dot > m[gi]) m[gi] = dot;
+        }
+    }
+}
+
+/* value row s as fp32 (a pointer into the fp32 cache, or the fp16 row converted into buf) */
+static inline const float* value_row(const void* v_cache, size_t off, int half, int d, float* buf) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    if (half) {
+        const uint16_t* src = (const uint16_t*)v_cache + off;
+        int j = 0;
+        for (; j + 16 <= d; j += 16) _mm512_storeu_ps(buf + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + j))));
+        for (; j < d; j++) buf[j] = _cvtsh_ss(src[j]);
+        return buf;
+    }
+#endif
+    return (const float*)v_cache + off;
+}
+
+/* acc[gi] = sum_s p[gi, s] v_s over fp16 value rows, d <= 128 in registers (a query head at a
+   time: the head's values stay in L2 between the g passes); 0 where this does not apply */
+static int weigh_values_f16(const void* v_cache, int half, int g, int d, size_t kv0, int s0, int s1,
+                            const float* sc, float acc[GMAX][DMAX]) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    if (!half || d % 16 || d > 128) return 0;
+    int nc = d / 16, n = s1 - s0;
+    const uint16_t* vh = (const uint16_t*)v_cache + kv0;
+    for (int gi = 0; gi < g; gi++) {
+        __m512 a[8];
+        for (int c = 0; c < 8; c++) a[c] = _mm512_setzero_ps();
+        const float* p = sc + (size_t)gi * n;
+        for (int s = s0; s < s1; s++) {
+            const uint16_t* vr = vh + (size_t)s * d;
+            __m512 e = _mm512_set1_ps(p[s - s0]);
+            #pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                if (c < nc) a[c] = _mm512_fmadd_ps(e, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(vr + c * 16))), a[c]);
+        }
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc[gi] + c * 16, a[c]);
+    }
+    return 1;
+#else
+    (void)v_cache; (void)half; (void)g; (void)d; (void)kv0; (void)s0; (void)s1; (void)sc; (void)acc;
+    return 0;
+#endif
+}
+
+static void attn_core(const float* q, const void* k_cache, const void* v_cache, int half, int H, int KV,
+                      int d, int S, int kv_len, float scale, float* out, float* scratch, int threads) {
     int g = H / KV;
     int parts = kv_len >= 512 ? threads : 1;
     /* scratch: parts * H * (d + 2) floats + g * kv_len floats per part (scores) */
@@ -100,25 +200,17 @@ void attn_decode(const float* q, const float* k_cache, const float* v_cache, int
     float* sc_all = part_l + (size_t)parts * H;
     #pragma omp parallel for num_threads(parts) if (parts > 1) schedule(static, 1)
     for (int p = 0; p < parts; p++) {
-        int s0 = (int)((long)kv_len * p / parts), s1 = (int)((long)kv_len * (p + 1) / parts), n = s1 - s0;
+        int blk = half ? 16 : 1;                    /* fp16 keys: parts split on 16-key blocks */
+        int nblk = (kv_len + blk - 1) / blk;
+        int s0 = (int)((long)nblk * p / parts) * blk, s1 = (int)((long)nblk * (p + 1) / parts) * blk;
+        if (s1 > kv_len) s1 = kv_len;
+        int n = s1 - s0;
         float* sc = sc_all + (size_t)g * s0;                 /* [g, n] */
         for (int kvh = 0; kvh < KV; kvh++) {
             const float* qh = q + (size_t)kvh * g * d;
-            const float* kh = k_cache + (size_t)kvh * S * d;
-            const float* vh = v_cache + (size_t)kvh * S * d;
+            size_t kv0 = (size_t)kvh * S * d;
             float m[GMAX], l[GMAX];
-            for (int gi = 0; gi < g; gi++) { m[gi] = -INFINITY; l[gi] = 0.f; }
-            for (int s = s0; s < s1; s++) {
-                const float* kr = kh + (size_t)s * d;
-                for (int gi = 0; gi < g; gi++) {
-                    const float* qg = qh + (size_t)gi * d;
-                    float dot = 0.f;
-                    for (int j = 0; j < d; j++) dot += qg[j] * kr[j];
-                    dot *= scale;
-                    sc[(size_t)gi * n + s - s0] = dot;
-                    if (dot > m[gi]) m[gi] = dot;
-                }
-            }
+            score_keys(qh, k_cache, half, g, d, kv0, (size_t)kvh * (S / 16), s0, s1, scale, sc, m);
             for (int gi = 0; gi < g; gi++) {
                 float* r = sc + (size_t)gi * n;
                 float t = 0.f;
@@ -126,14 +218,17 @@ void attn_decode(const float* q, const float* k_cache, const float* v_cache, int
                 l[gi] = t;
             }
             float acc[GMAX][DMAX];
+            if (weigh_values_f16(v_cache, half, g, d, kv0, s0, s1, sc, acc)) goto partials;
             for (int gi = 0; gi < g; gi++) for (int j = 0; j < d; j++) acc[gi][j] = 0.f;
             for (int s = s0; s < s1; s++) {
-                const float* vr = vh + (size_t)s * d;
+                float vbuf[DMAX];
+                const float* vr = value_row(v_cache, kv0 + (size_t)s * d, half, d, vbuf);
                 for (int gi = 0; gi < g; gi++) {
                     float e = sc[(size_t)gi * n + s - s0];
                     for (int j = 0; j < d; j++) acc[gi][j] += e * vr[j];
                 }
             }
+        partials:
             for (int gi = 0; gi < g; gi++) {
                 int h = kvh * g + gi;
                 memcpy(part_o + ((size_t)p * H + h) * d, acc[gi], sizeof(float) * d);
@@ -156,6 +251,30 @@ void attn_decode(const float* q, const float* k_cache, const float* v_cache, int
         for (int j = 0; j < d; j++) o[j] /= l;
     }
 }
+
+void attn_decode(const float* q, const float* k_cache, const float* v_cache, int H, int KV, int d,
+                 int S, int kv_len, float scale, float* out, float* scratch, int threads) {
+    attn_core(q, k_cache, v_cache, 0, H, KV, d, S, kv_len, scale, out, scratch, threads);
+}
+
+/* the same over the fp16 mirror (S a multiple of 16); row kv_len-1, just written by rope_qkv into
+   the fp32 cache, is copied into the mirror first */
+void attn_decode_f16(const float* q, const float* k_cache, const float* v_cache, uint16_t* k_blocks,
+                     uint16_t* v_half, int H, int KV, int d, int S, int kv_len, float scale, float* out,
+                     float* scratch, int threads) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    int row = kv_len - 1;
+    for (int kvh = 0; kvh < KV; kvh++) {
+        size_t src = ((size_t)kvh * S + row) * d;
+        uint16_t* kb = k_blocks + ((size_t)kvh * (S / 16) + row / 16) * (size_t)d * 16 + row % 16;
+        for (int j = 0; j < d; j++) {
+            kb[j * 16] = _cvtss_sh(k_cache[src + j], 0);         /* round to nearest even */
+            v_half[src + j] = _cvtss_sh(v_cache[src + j], 0);
+        }
+    }
+    attn_core(q, k_blocks, v_half, 1, H, KV, d, S, kv_len, scale, out, scratch, threads);
+#endif
+}
 """
 
 MAX_HEAD_DIM = 256   # DMAX
@@ -167,6 +286,8 @@ _SIGNATURES = {
     "ungroup": [_P, _I, _I, _I, _I, _P],
     "silu_mul": [_P, _I, _I, _P, _I],
     "attn_decode": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, _I],
+    "attn_decode_f16": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, _I],
+    "has_fast_f16": [],
 }
 _LIB: list = []
 
@@ -203,6 +324,6 @@ def _onednn_linear():
 
 
 def linear(x, w):
-    """x [M, K] @ w [N, K].T -> [M, N] in fp32 (both contiguous fp32 CPU tensors)."""
+    """x [M, K] @ w [N, K].T -> [M, N] (both contiguous CPU tensors, fp32 or both bf16)."""
     fn = _onednn_linear() if x.shape[0] >= LINEAR_MIN_ROWS else None
     return fn(x, w) if fn is not None else x @ w.t()

@@ -1,31 +1,36 @@
-"""Triton decode path for CUDA: a whole batch-1 greedy decode step in 6 kernels per layer.
+"""Triton decode path for CUDA: a whole batch-1 greedy decode step in 5-6 kernels per layer.
 
     from bluelm_v.cuda_decode import TritonDecodeEngine
     eng = TritonDecodeEngine(hf_model)          # a FastLlamaEngine: same begin/prefill/step API
     eng.begin(max_len); logits = eng.prefill(embeds, 128); tok = eng.step(int(logits.argmax()))
+    toks = eng.steps(tok, 8)                    # 8 graph replays queued, tokens read once
 
 Prefill is FastLlamaEngine's (cuBLAS/SDPA); only the decode step (``_static_step``, replayed as
 one CUDA graph) is replaced. Per layer (x_res: the fp32 residual stream, on the device):
   1. qkv GEMV, RMSNorm fused into it (x*w_norm streamed, sum of squares on the side, 1/rms
      applied to the dot products at the end)                               -> qkv [fp32]
-  2. split-KV attention (grid heads x key blocks): RoPE of q and of the new k, the new k/v
-     written to the cache row ``pos`` (read from a device scalar: graph-safe), one-shot softmax
-     over the block's valid keys; blocks past pos exit at once           -> partials (o, m, l)
-  3. merge of the partials per head                                         -> attn [fp32]
-  4. o GEMV, split-K, atomically added to x_res (the residual add)
-  5. gate|up GEMV, post-attention RMSNorm fused                             -> gu [fp32]
-  6. down GEMV, SiLU(gate)*up fused into its prologue; split-K, atomically added to x_res
+  2. split-KV attention (grid heads x key blocks): the block's cached keys/values loaded
+     before waiting on step 1, RoPE of q and of the new k, the new k/v written to the cache row
+     ``pos`` (read from a device scalar: graph-safe), one-shot softmax over the block's valid
+     keys; blocks past pos exit at once -> partials (o, m, l), merged per head either by the
+     last program of the head (a per-head atomic counter) or by a merge kernel -> attn [fp32]
+  3. o GEMV, split-K, atomically added to x_res (the residual add)
+  4. gate|up GEMV, post-attention RMSNorm fused                             -> gu [fp32]
+  5. down GEMV, SiLU(gate)*up fused into its prologue; split-K, atomically added to x_res
 then the final norm + lm_head GEMV with a per-block argmax (logits rounded to the model dtype,
 lowest index on ties, as torch.argmax on the reference's logits) and one kernel that picks the
-token, writes it to the token buffer and advances the position. On Hopper every kernel is
-launched with programmatic dependent launch (``pdl``): it starts while the previous one drains
-and reads its first weight tile before waiting; GEMVs load the next weight tile before using the
-current one (``prefetch``). Block sizes are chosen per call site at ``prepare()`` by timing a
-few candidates over all layers, each in a CUDA graph (``configs=`` fixes them; ``eng.tuning``
-holds what was measured). Without CUDA the kernels run under TRITON_INTERPRET=1 (slow; tests).
+token, writes it to the token buffer and the history (``_hist[pos]``) and advances the position.
+On Hopper every kernel is launched with programmatic dependent launch (``pdl``): it starts while
+the previous one drains and reads its first ``pre`` weight tiles before waiting; GEMVs then keep
+``depth`` weight tiles and the next input tile in flight (``prefetch``). Block shapes, ``pre``
+and ``depth`` are chosen per call site at ``prepare()`` by timing candidates over all layers,
+each in a CUDA graph; the attention merge (in-kernel or a kernel) by timing the whole step
+(``configs=`` fixes them; ``eng.tuning`` / ``eng.step_tuning`` hold what was measured).
+Without CUDA the kernels run under TRITON_INTERPRET=1 (slow; tests).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -59,16 +64,26 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    pre: int = 1           # block_k tiles loaded before waiting on the previous kernel
+    depth: int = 1         # tiles in flight ahead of the one in use (0-2)
 
     def k_per_split(self, k: int) -> int:
         """Columns per K-split, a multiple of block_k."""
         return -(-(-(-k // self.split_k)) // self.block_k) * self.block_k
+
+    def head_k(self, k: int) -> int:
+        """Columns loaded before the wait: pre tiles, at most the split (a power of two)."""
+        per, head = self.k_per_split(k), self.block_k
+        while head * 2 <= min(per, self.pre * self.block_k):
+            head *= 2
+        return head
 
 
 @dataclass(frozen=True)
 class AttnConfig:
     block: int             # keys per program: program (h, j) attends keys [j*block, (j+1)*block)
     num_warps: int = 4
+    fused_merge: bool = True   # the last program of a head merges (else a second kernel)
 
     def n_split(self, max_len: int) -> int:
         return -(-max_len // self.block)
@@ -91,6 +106,7 @@ def gemv_candidates(n: int, k: int, split_k: tuple[int, ...] = (1,), tiles=WIDE_
     return out
 
 
+SLOTS = ("qkv", "attn", "o", "gu", "down")      # a layer's call sites in order
 DEFAULTS = {"qkv": GemvConfig(8, 256), "gu": GemvConfig(4, 512), "o": GemvConfig(8, 128, 3),
             "down": GemvConfig(8, 128, 5), "lm": GemvConfig(8, 256), "attn": AttnConfig(64)}
 
@@ -136,6 +152,7 @@ class TritonDecodeEngine(FastLlamaEngine):
         self.pdl = pdl and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
         self.prefetch = prefetch
         self.tuning: dict[str, list[tuple[object, float]]] = {}
+        self.step_tuning: list[tuple[AttnConfig, float]] = []     # whole-step seconds (_pick_merge)
         self.debug_logits = debug_logits
         self._bufs_key = None
         self._tuned = False
@@ -156,6 +173,7 @@ class TritonDecodeEngine(FastLlamaEngine):
         ns = attn.n_split(s)
         self._opart = torch.zeros(self.n_heads, ns, d, **f32)                       # [H,NS,d]
         self._ml = torch.zeros(self.n_heads, ns, 2, **f32)                          # (m, l)
+        self._attn_count = torch.zeros(self.n_heads, dtype=torch.int32, device=dev)  # 0 between kernels
         vocab = self.model.lm_head.weight.shape[0]
         self._part_val = torch.zeros(vocab, **f32)           # per-block maxima: enough for any block_n
         self._part_idx = torch.zeros(vocab, dtype=torch.int32, device=dev)
@@ -174,26 +192,29 @@ class TritonDecodeEngine(FastLlamaEngine):
         n, k = w.shape
         if prologue == 1 and cfg.split_k != 1:
             raise ValueError("the fused RMSNorm needs split_k == 1")
-        k_per = cfg.k_per_split(k)
+        k_per, head_k = cfg.k_per_split(k), cfg.head_k(k)
         even = n % cfg.block_n == 0 and k_per * cfg.split_k == k and epilogue != 2
         _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
             w, x, out, nw if nw is not None else w, self._part_idx, n, eps, K=k, K_PER=k_per,
             PROLOGUE=prologue, EPILOGUE=epilogue, EVEN=even,
             ROUND={torch.bfloat16: 1, torch.float16: 2}.get(self.dtype, 0), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, PREFETCH=self.prefetch, num_stages=cfg.num_stages,
-            **self._launch_opts(cfg.num_warps))
+            BLOCK_K=cfg.block_k, PREFETCH=min(cfg.depth if self.prefetch else 0, (k_per - head_k) // cfg.block_k),
+            HEAD_K=head_k,
+            num_stages=cfg.num_stages, **self._launch_opts(cfg.num_warps))
 
     def _attn(self, cfg: AttnConfig, i: int, pos):
         """Attention partials of layer i (writing its new k/v), then their merge -> _attn_out."""
         kc, vc = self.cache.k[i], self.cache.v[i]                                   # [KV,S,d]
         ns = cfg.n_split(kc.shape[1])
         _attn_kernel[(self.n_heads, ns)](
-            self._qkv, kc, vc, self.cos, self.sin_signed, pos, self._opart, self._ml,
-            self.scaling * math.log2(math.e), kc.shape[1], H=self.n_heads, KV=self.n_kv,
-            HEAD_D=self.head_dim, NSPLIT=ns, BLOCK=cfg.block, **self._launch_opts(cfg.num_warps))
-        _merge_kernel[(self.n_heads,)](self._opart, self._ml, pos, self._attn_out, HEAD_D=self.head_dim,
-                                       NSPLIT=ns, NS_P2=triton.next_power_of_2(ns), BLOCK=cfg.block,
-                                       **self._launch_opts(4))
+            self._qkv, kc, vc, self.cos, self.sin_signed, pos, self._opart, self._ml, self._attn_count,
+            self._attn_out, self.scaling * math.log2(math.e), kc.shape[1], H=self.n_heads, KV=self.n_kv,
+            HEAD_D=self.head_dim, NSPLIT=ns, NS_P2=triton.next_power_of_2(ns), BLOCK=cfg.block,
+            MERGE=cfg.fused_merge, **self._launch_opts(cfg.num_warps))
+        if not cfg.fused_merge:
+            _merge_kernel[(self.n_heads,)](self._opart, self._ml, pos, self._attn_out, HEAD_D=self.head_dim,
+                                           NSPLIT=ns, NS_P2=triton.next_power_of_2(ns), BLOCK=cfg.block,
+                                           **self._launch_opts(4))
 
     def _site(self, site: str, i: int, cfg=None, pos=None):
         """Launch call site ``site`` of layer i (i == -1: the lm head) with config cfg."""
@@ -221,7 +242,7 @@ class TritonDecodeEngine(FastLlamaEngine):
         _embed_kernel[(1,)](self._tok, self.base.embed_tokens.weight, self._x, D=big,
                             BLOCK=triton.next_power_of_2(big), PDL=self.pdl)   # no early start: first
         for i in range(len(self.layers)):
-            for site in ("qkv", "attn", "o", "gu", "down"):
+            for site in SLOTS:
                 self._site(site, i)
         self._site("lm", -1)
         if self.debug_logits:
@@ -230,7 +251,7 @@ class TritonDecodeEngine(FastLlamaEngine):
                        norm.weight, float(getattr(norm, "variance_epsilon", 1e-6)))
         n_part = triton.cdiv(self.model.lm_head.weight.shape[0], self.configs["lm"].block_n)
         _argmax_kernel[(1,)](self._part_val, self._part_idx, n_part, self._tok, self._next, self._pos,
-                             BLOCK=triton.next_power_of_2(n_part), **self._launch_opts(4))
+                             self._hist, BLOCK=triton.next_power_of_2(n_part), **self._launch_opts(4))
         return self._next
 
     @property
@@ -246,6 +267,12 @@ class TritonDecodeEngine(FastLlamaEngine):
         def run():
             for i in layers:
                 self._site(site, i, cfg, pos)
+        return self._time_graph(run)
+
+    def _time_graph(self, run, reset=None) -> float:
+        """Seconds for run() replayed as one CUDA graph, median of 5 (reset() untimed before each)."""
+        if reset:
+            reset()
         run()                                         # compile + warm up
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -253,6 +280,8 @@ class TritonDecodeEngine(FastLlamaEngine):
             run()
         times = []
         for _ in range(5):
+            if reset:
+                reset()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             graph.replay()
@@ -275,20 +304,21 @@ class TritonDecodeEngine(FastLlamaEngine):
         d, big, inter = self.head_dim, cfg.hidden_size, cfg.intermediate_size
         qkv_n = (self.n_heads + 2 * self.n_kv) * d
         candidates = {
-            "attn": [AttnConfig(b, nw) for b, nw in ((32, 2), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))],
+            "attn": [AttnConfig(b, nw, fused) for fused in (True, False)
+                     for b, nw in ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4))],
             "qkv": gemv_candidates(qkv_n, big), "gu": gemv_candidates(2 * inter, big),
             "o": gemv_candidates(big, self.n_heads * d, (1, 2, 3, 6), SPLIT_TILES),
             "down": gemv_candidates(big, inter, (1, 3, 5), SPLIT_TILES),
             "lm": [c for c in gemv_candidates(self.model.lm_head.weight.shape[0], big) if c.block_n >= 8],
         }
+        k_of = {"qkv": big, "gu": big, "o": self.n_heads * d, "down": inter, "lm": big}
         deadline = time.perf_counter() + self.tune_budget_s
         for site, cands in candidates.items():
             if site in self.fixed:
                 continue
             results = []
-            for c in cands:
-                if results and time.perf_counter() > deadline:
-                    break                           # out of tuning time: the best so far
+
+            def measure(c):
                 try:
                     if site == "attn":
                         self.configs["attn"] = c
@@ -298,14 +328,50 @@ class TritonDecodeEngine(FastLlamaEngine):
                 except Exception as exc:  # noqa: BLE001 -- a config that fails to build is skipped
                     results.append((c, float("inf")))
                     print(f"[cuda_decode] {site} {c}: {type(exc).__name__}: {str(exc)[:200]}")
+            for c in cands:
+                if results and time.perf_counter() > deadline:
+                    break                           # out of tuning time: the best so far
+                measure(c)
+            if site != "attn":      # then, for the best 2 shapes, more asked before the wait
+                for c in [c for c, _ in sorted(results, key=lambda r: r[1])[:2]]:
+                    for pre, depth in ((1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1)):
+                        deeper = dataclasses.replace(c, pre=pre, depth=depth)
+                        if deeper.head_k(k_of[site]) == pre * c.block_k and deeper != c \
+                                and time.perf_counter() < deadline:
+                            measure(deeper)
             best = min(results, key=lambda r: r[1])[0]
             self.configs[site] = best
             if site == "attn":
                 self._ensure_buffers()
                 torch.nn.init.normal_(self._attn_out)
             self.tuning[site] = results
+        state = [t.clone() for t in (self._tok, self._pos, self._hist)]
+        self._pick_merge(pos)                       # whole steps: they move the token and position
+        self._tok.copy_(state[0]), self._pos.copy_(state[1]), self._hist.copy_(state[2])
         self.cache.k[:, :, -2], self.cache.v[:, :, -2] = saved
         return self.tuning
+
+    def _pick_merge(self, pos) -> None:
+        """In-kernel merge or a merge kernel: the choice shows only in the whole step (a serial
+        tail in attention against a kernel boundary), so the best attention config of each kind
+        is timed as the full decode step (cache row pos rewritten each replay) -> step_tuning."""
+        results = self.tuning.get("attn", [])
+        finalists = [min(group, key=lambda r: r[1])[0] for group in
+                     ([r for r in results if r[0].fused_merge == f and r[1] < float("inf")] for f in (True, False))
+                     if group]
+        if "attn" in self.fixed or len(finalists) < 2:
+            return
+
+        def reset():
+            self._pos.copy_(pos)
+            self._tok.zero_()
+        self.step_tuning = []
+        for c in finalists:
+            self.configs["attn"] = c
+            self._ensure_buffers()
+            self.step_tuning.append((c, self._time_graph(self._static_step, reset)))
+        self.configs["attn"] = min(self.step_tuning, key=lambda r: r[1])[0]
+        self._ensure_buffers()
 
     def prepare(self) -> None:
         if self.triton_ok and self.tune and not self._tuned and self.cache is not None:

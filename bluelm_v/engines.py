@@ -4,6 +4,7 @@
     eng.begin(max_len)                            # allocate the KV cache (reused when it fits)
     logits = eng.prefill(embeds [1,L,D], chunk=128)   # -> [V] logits of the last position
     nxt = eng.step(token_id)                      # one decode step (t1) -> next greedy token id
+    toks = eng.steps(token_id, n)                 # n steps; CUDA graphs: queued, read once (decode_chunk)
 
 ``FastLlamaEngine`` (bluelm_v/fast_llama.py) runs a Llama-family model's own weights with a lean
 forward (static KV cache, fused projections, CUDA graph per decode step). ``HFEngine`` is the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .fast_llama import FastLlamaEngine, model_dtype_device  # noqa: F401 (re-exported)
+from .fast_llama import FastLlamaEngine, model_dtype_device, one_at_a_time  # noqa: F401 (re-exported)
 from .kv_cache import kv_cache_kind
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -67,6 +68,11 @@ class HFEngine:
         emb = self.model.get_input_embeddings()(torch.tensor([[token]], device=self.device))
         self.last_logits = self.forward(emb)
         return int(self.last_logits.argmax())
+
+    decode_chunk = 1
+
+    def steps(self, token: int, n: int) -> list[int]:
+        return one_at_a_time(self.step, token, n)
 
     @property
     def device(self):

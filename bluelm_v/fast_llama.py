@@ -93,6 +93,15 @@ def plain_layer(x, cos, sin_s, positions, mask, kc, vc, w_in, w_qkv, w_o, w_post
     return x.view(1, t, big)
 
 
+def one_at_a_time(step, token: int, n: int) -> list[int]:
+    """n greedy tokens from ``token`` by n calls of ``step`` (engines without queued steps)."""
+    out = []
+    for _ in range(n):
+        token = step(token)
+        out.append(token)
+    return out
+
+
 class FastLlamaEngine:
     """See the module docstring. API: begin(max_len), prefill(embeds, chunk) -> [V], step(token)."""
 
@@ -109,8 +118,9 @@ class FastLlamaEngine:
             not hasattr(a, "q_norm") and getattr(hf_model.config, "sliding_window", None) in (None, 0)
 
     def __init__(self, hf_model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
-                 attention: str = "sdpa", static_step: bool = False):
+                 attention: str = "sdpa", static_step: bool = False, cpu_half_kv: bool = True):
         base, cfg = hf_model.model, hf_model.config
+        self.cpu_half_kv = cpu_half_kv     # CPU decode attention over an fp16 mirror of the cache
         self.model, self.base = hf_model, base
         self.layers = list(base.layers)
         self.n_heads = cfg.num_attention_heads
@@ -180,6 +190,7 @@ class FastLlamaEngine:
             self._arange = torch.arange(max_len, device=self.device)
             self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+            self._hist = torch.zeros(max_len, dtype=torch.long, device=self.device)   # token made at pos
         self.cache.reset()
         self.length = 0
 
@@ -257,13 +268,16 @@ class FastLlamaEngine:
 
     # -- prefill and decode ---------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, embeds: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
-        """[1,T,D] at the next T positions -> [V] logits of the last one (None if not ``logits``)."""
+    def forward(self, embeds: torch.Tensor, logits: bool = True, decode: bool = False) -> torch.Tensor | None:
+        """[1,T,D] at the next T positions -> [V] logits of the last one (None if not ``logits``).
+        ``decode``: a generation step (the CPU path may then attend over its fp16 cache mirror;
+        prefill, even one row at a time, stays in fp32)."""
         t, start = embeds.shape[1], self.length
         if start + t > self.cache.max_len:
             raise ValueError(f"KV cache of {self.cache.max_len} positions is full")
         if self._cpu is not None and embeds.device.type == "cpu" and self._cpu.usable:
-            x = self._cpu.forward(embeds.reshape(t, -1).to(self.dtype).contiguous(), start)   # [T,D]
+            x2 = embeds.reshape(t, -1).to(self.dtype).contiguous()                       # [T,D]
+            x = self._cpu.forward(x2, start, decode)
             self.length = self.cache.length = start + t
             return self._logits(x[None]).float() if logits else None
         positions = torch.arange(start, start + t, device=self.device)
@@ -292,17 +306,27 @@ class FastLlamaEngine:
         x = self._blocks(emb, self._pos, self.cache.max_len, mask, self._step_layer_fn)
         nxt = self._logits(x).argmax(-1, keepdim=True)                       # [1]
         self._tok.copy_(nxt)
+        self._hist.index_copy_(0, self._pos, nxt.reshape(1))
         self._pos.add_(1)
         return nxt
 
     def _capture(self):
+        """Capture the step. Its 3 warm-up steps (compile, allocate) run at rows p..p+2 past the
+        filled part where they fit (else the last 3), and those rows, the token and the position
+        are put back afterwards: warming up never changes the sequence."""
         saved_tok, saved_pos = self._tok.clone(), self._pos.clone()
+        p = max(0, min(self.length, self.cache.max_len - 3))
+        rows = [(t, t[:, :, p:p + 3].clone()) for t in vars(self.cache).values()     # [L, KV, S, ...]
+                if torch.is_tensor(t) and t.dim() >= 3 and t.shape[2] == self.cache.max_len]
+        self._pos.fill_(p)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):     # warm-up (and compile); its cache writes are redone later
+            for _ in range(3):     # warm-up (and compile)
                 self._static_step()
         torch.cuda.current_stream().wait_stream(side)
+        for t, kept in rows:
+            t[:, :, p:p + 3] = kept
         self._tok.copy_(saved_tok)
         self._pos.copy_(saved_pos)
         graph = torch.cuda.CUDAGraph()
@@ -315,15 +339,41 @@ class FastLlamaEngine:
         if self.use_graph and self._graph is None:
             self._capture()
 
+    @property
+    def decode_chunk(self) -> int:
+        """Tokens worth asking ``steps`` for at once: replayed graphs need no host round trip."""
+        return 8 if self.use_graph else 1
+
+    @torch.no_grad()
+    def steps(self, token: int, n: int) -> list[int]:
+        """n greedy steps from ``token`` -> the n tokens. With a CUDA graph the step feeds itself
+        (token and position stay on the device), so the n replays are queued back to back and
+        the tokens read once at the end; otherwise n calls of ``step``."""
+        if not self.use_graph or n <= 1:
+            return one_at_a_time(self.step, token, n)
+        if self.length + n > self.cache.max_len:
+            raise ValueError(f"KV cache of {self.cache.max_len} positions is full "
+                             f"({self.length} used, {n} more asked for)")
+        self.prepare()                                  # before the inputs are set: it may replay
+        start = self.length
+        self._tok.fill_(token)
+        self._pos.fill_(start)
+        for _ in range(n):
+            self._graph.replay()
+        self.length += n
+        self.cache.length = self.length
+        return self._hist[start:start + n].tolist()
+
     @torch.no_grad()
     def step(self, token: int) -> int:
         if self.length >= self.cache.max_len:
             raise ValueError(f"KV cache of {self.cache.max_len} positions is full")
         if self.static_step:
+            if self.use_graph:
+                self.prepare()                          # before the inputs are set: it may replay
             self._tok.fill_(token)
             self._pos.fill_(self.length)
             if self.use_graph:
-                self.prepare()
                 self._graph.replay()
                 nxt = self._graph_out
             else:
@@ -332,5 +382,5 @@ class FastLlamaEngine:
             self.cache.length = self.length
             return int(nxt.item())
         emb = self.base.embed_tokens(torch.tensor([[token]], device=self.device))   # [1,1,D]
-        self.last_logits = self.forward(emb)
+        self.last_logits = self.forward(emb, decode=True)
         return int(self.last_logits.argmax())

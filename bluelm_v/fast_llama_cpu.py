@@ -5,7 +5,8 @@ Per layer, for a chunk of T rows at positions start..start+T-1 (T = 128 in prefi
     -> rope_qkv (C: RoPE of q and k, q grouped per KV head, k/v written into the static cache)
     -> attention: T > 1  torch's flash attention over the cached prefix (no mask) and over the
                          chunk itself (a causal mask built ONCE per chunk, shared by all layers),
-                         merged by log-sum-exp; T == 1  attn_decode (C)
+                         merged by log-sum-exp; T == 1  attn_decode (C), over an fp16
+                         mirror of the cache (half the bytes a step; ``cpu_half_kv``)
     -> o projection + residual -> rmsnorm (C) -> gate|up projection -> silu_mul (C)
     -> down projection + residual
 Quantised q/k/v (and gate/up) modules of one layer are fused the same way the fp32 ones are:
@@ -79,7 +80,7 @@ def direct_matvec(mod):
     from .quant.linear import Int4Linear, Int8Linear
 
     qlib = cpu_kernels.library()
-    if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in ("auto", "cpu_fused") or \
+    if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in ("auto", "cpu_fused", "cpu_bf16") or \
             mod.act_dtype != "fp32" or _hooked(mod) or not mod._fused_ok or mod.bias is not None or \
             mod.qweight.device.type != "cpu":
         return None
@@ -133,6 +134,34 @@ class CpuPath:
                                 norms[1].weight, norms[1].variance_epsilon, gu, m.down_proj))
         self._scratch = torch.empty(0)
         self._direct = None               # per layer: direct decode calls, or [] / None
+        self.half_kv = getattr(eng, "cpu_half_kv", True) and self.lib is not None and self.lib.has_fast_f16() == 1
+        self._half, self._synced = None, 0   # fp16 mirror of the cache for decode; rows mirrored
+
+    def _decode_kv(self, start: int):
+        """Per layer (k, v) pointers for decode attention at row ``start``: an fp16 mirror of
+        the fp32 cache (prefill keeps using the fp32 one), brought up to row start here, or None
+        (fp32 attn_decode). Keys [L, KV, S/16, d, 16] (blocks of 16 keys, transposed), values
+        [L, KV, S, d]; the C kernel adds row start itself."""
+        k, v = self.eng.cache.k, self.eng.cache.v                     # [L, KV, S, d]
+        n_l, kv, s, d = k.shape
+        if not self.half_kv or s % 16:
+            return None
+        if self._half is None or self._half[1].shape != k.shape:
+            self._half = (torch.empty(n_l, kv, s // 16, d, 16, dtype=torch.float16),
+                          torch.empty(k.shape, dtype=torch.float16))
+            self._synced = 0
+        kb, vh = self._half
+        if self._synced < start:                                      # the prompt, once
+            b0, b1 = self._synced // 16, -(-start // 16)              # whole blocks (same values)
+            kb[:, :, b0:b1] = k[:, :, b0 * 16:b1 * 16].unflatten(2, (b1 - b0, 16)).transpose(-1, -2)
+            vh[:, :, self._synced:start] = v[:, :, self._synced:start]
+        self._synced = start + 1
+        return [(kb[i].data_ptr(), vh[i].data_ptr()) for i in range(n_l)]
+
+    def mirrored_keys(self) -> torch.Tensor:
+        """[L, KV, S, d] fp16 keys of the decode mirror in the cache's layout (for tests)."""
+        kb = self._half[0]
+        return kb.transpose(-1, -2).flatten(2, 3)
 
     def refresh(self) -> None:
         """(Re)bind the decode step's direct kernel calls to the current weight buffers."""
@@ -181,14 +210,16 @@ class CpuPath:
             return cpu_layer_ops.linear(x_in, module.weight).add_(residual)
         return residual + module(x_in)
 
-    def forward(self, x, start: int):
-        """x [T, D] fp32 at positions start.. -> [T, D] hidden states after the last layer."""
+    def forward(self, x, start: int, decode: bool = False):
+        """x [T, D] fp32 at positions start.. -> [T, D] hidden states after the last layer
+        (``decode``: a generation step, attention over the fp16 mirror when it is on)."""
         eng, lib = self.eng, self.lib
         t, d, big = x.shape[0], eng.head_dim, x.shape[1]
+        self._synced = min(self._synced, start)   # rows from start on are (re)written now
         if start == 0 or self._direct is None:
             self.refresh()                # a new sequence: rebind to the current buffers
         if t == 1 and self._direct:
-            return self._decode_direct(x, start)
+            return self._decode_direct(x, start, decode)
         heads, kv, g = eng.n_heads, eng.n_kv, eng.n_heads // eng.n_kv
         s, kv_len, threads = eng.cache.max_len, start + t, torch.get_num_threads()
         cos, sin_s = eng.cos[start:], eng.sin_signed[start:]
@@ -199,6 +230,7 @@ class CpuPath:
             need = threads * heads * (d + 2) + g * kv_len
             if self._scratch.numel() < need:
                 self._scratch = torch.empty(max(need, threads * heads * (d + 2) + g * s))
+        half = self._decode_kv(start) if t == 1 and decode else None
         h = torch.empty_like(x)
         q = torch.empty(kv, g * t, d)                                       # [KV, g*T, d]
         o = torch.empty(t, heads * d)
@@ -211,7 +243,10 @@ class CpuPath:
                 qkv = qkv.contiguous()
             lib.rope_qkv(qkv.data_ptr(), t, heads, kv, d, cos.data_ptr(), sin_s.data_ptr(), q.data_ptr(),
                          kc.data_ptr(), vc.data_ptr(), s, start, threads)
-            if t == 1:
+            if half:
+                lib.attn_decode_f16(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), *half[i], heads, kv, d, s,
+                                    kv_len, eng.scaling, o.data_ptr(), self._scratch.data_ptr(), threads)
+            elif t == 1:
                 lib.attn_decode(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), heads, kv, d, s, kv_len,
                                 eng.scaling, o.data_ptr(), self._scratch.data_ptr(), threads)
             else:
@@ -229,7 +264,7 @@ class CpuPath:
             x = self._out_proj(down, act, x)
         return x
 
-    def _decode_direct(self, x, start: int):
+    def _decode_direct(self, x, start: int, decode: bool = True):
         """One token through all layers with quantised projections: 9 C calls per layer, no torch
         op; the residual adds happen inside the o/down kernels (x is updated in place)."""
         eng, lib = self.eng, self.lib
@@ -248,13 +283,17 @@ class CpuPath:
         cos = eng.cos[start].data_ptr()
         sin_s = eng.sin_signed[start].data_ptr()
         scratch = self._scratch.data_ptr()
+        half = self._decode_kv(start) if decode else None
         for i, ((f_qkv, f_o, f_gu, f_down), _, n_gu) in enumerate(self._direct):
             w_in, eps_in, _, _, w_post, eps_post, _, _ = self.layers[i]
             kc, vc = eng.cache.k[i].data_ptr(), eng.cache.v[i].data_ptr()
             lib.rmsnorm(xp, 1, big, w_in.data_ptr(), eps_in, hp, nt)
             f_qkv(hp, qkvp, None, nt)
             lib.rope_qkv(qkvp, 1, heads, kv, d, cos, sin_s, qp, kc, vc, s, start, nt)
-            lib.attn_decode(qp, kc, vc, heads, kv, d, s, kv_len, eng.scaling, op, scratch, nt)
+            if half:
+                lib.attn_decode_f16(qp, kc, vc, *half[i], heads, kv, d, s, kv_len, eng.scaling, op, scratch, nt)
+            else:
+                lib.attn_decode(qp, kc, vc, heads, kv, d, s, kv_len, eng.scaling, op, scratch, nt)
             f_o(op, xp, xp, nt)                                  # x += o @ Wo.T
             lib.rmsnorm(xp, 1, big, w_post.data_ptr(), eps_post, hp, nt)
             f_gu(hp, gup, None, nt)

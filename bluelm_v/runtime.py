@@ -203,9 +203,12 @@ class Generator:
 
     def decode(self, first_token: int, max_new_tokens: int,
                stream: Callable[[str], Any] | None = None) -> tuple[list[int], str, str]:
-        """Greedy decode from ``first_token`` -> (ids, text, finish_reason)."""
+        """Greedy decode from ``first_token`` -> (ids, text, finish_reason). Tokens are asked of
+        the engine ``decode_chunk`` at a time (CUDA graphs: no host round trip per token); any
+        made past an end token are dropped."""
         ids, shown, reason = [], "", "length"
-        token = first_token
+        token, pending = first_token, []
+        chunk = max(1, int(getattr(self.engine, "decode_chunk", 1)))
         while True:
             if token in self.eos:
                 reason = "eos"
@@ -218,10 +221,13 @@ class Generator:
                     shown = text
             if len(ids) >= max_new_tokens:
                 break
-            if self.engine.length >= self.engine_capacity():
-                reason = "context"
-                break
-            token = self.engine.step(token)
+            if not pending:
+                room = self.engine_capacity() - self.engine.length
+                if room <= 0:
+                    reason = "context"
+                    break
+                pending = self.engine.steps(token, min(chunk, max_new_tokens - len(ids), room))
+            token = pending.pop(0)
         text = self.tokenizer.decode(ids)
         if stream is not None and len(text) > len(shown):
             stream(text[len(shown):])

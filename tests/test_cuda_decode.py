@@ -29,6 +29,13 @@ def test_gemv_split_k_candidates_cover_k_in_whole_pieces():
     assert GemvConfig(8, 128, 3).k_per_split(5760) == 1920
 
 
+def test_gemv_head_is_a_power_of_two_within_the_split():
+    assert GemvConfig(16, 128, 6, pre=2).head_k(2304) == 256            # split of 384 columns
+    assert GemvConfig(16, 128, 6, pre=4).head_k(2304) == 256            # capped by the split
+    assert GemvConfig(16, 256, pre=8).head_k(2304) == 2048
+    assert GemvConfig(8, 64).head_k(64) == 64
+
+
 def test_attention_splits_cover_the_cache():
     for max_len in (64, 2240, 4096):
         for cfg in (AttnConfig(32), AttnConfig(64), AttnConfig(128)):
@@ -46,7 +53,14 @@ def _triton_runnable() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
-def test_triton_step_matches_torch_path():
+@pytest.mark.parametrize("configs", [
+    {"attn": AttnConfig(8), "down": GemvConfig(8, 64, 2)},                      # fused merge, 1 tile early
+    {"attn": AttnConfig(8, fused_merge=False), "qkv": GemvConfig(8, 16, pre=2),  # merge kernel; wide heads
+     "down": GemvConfig(8, 32, 2, pre=4), "lm": GemvConfig(16, 16, pre=8)},
+    {"attn": AttnConfig(16, num_warps=1), "gu": GemvConfig(8, 16, pre=2),       # new row mid-block;
+     "qkv": GemvConfig(8, 16, depth=2), "down": GemvConfig(4, 16, 2, depth=2)}],   # two tiles in flight
+    ids=["fused-merge", "merge-kernel-wide-head", "one-warp-attention"])
+def test_triton_step_matches_torch_path(configs):
     from bluelm_v.cuda_decode import TritonDecodeEngine
     from bluelm_v.fast_llama import FastLlamaEngine
     from bluelm_v.plugins import llms
@@ -57,7 +71,7 @@ def test_triton_step_matches_torch_path():
     emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 21), device=device))   # [1,21,64]
     ref = FastLlamaEngine(model, cuda_graph=False, static_step=False)
     eng = TritonDecodeEngine(model, cuda_graph=False, debug_logits=True, tune=False, prefetch=False,
-                             configs={"attn": AttnConfig(8), "down": GemvConfig(8, 64, 2)})
+                             configs=configs)
     assert eng.triton_ok
     ref.begin(40)
     eng.begin(40)
@@ -71,3 +85,32 @@ def test_triton_step_matches_torch_path():
     # the new k/v rows were written where the torch path writes them
     torch.testing.assert_close(eng.cache.k[:, :, :24], ref.cache.k[:, :, :24], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(eng.cache.v[:, :, :24], ref.cache.v[:, :, :24], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("engine", ["graph", "triton", "triton-tuned"])
+def test_graph_steps_give_the_tokens_and_cache_of_eager_steps(engine):
+    from bluelm_v.cuda_decode import TritonDecodeEngine
+    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins import llms
+
+    torch.manual_seed(0)
+    model = llms.hf_causal(preset="tiny", dtype="float32", device="cuda", tokenizer="byte").model.eval()
+    emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 21), device="cuda"))
+    make = {"graph": lambda: FastLlamaEngine(model), "triton": lambda: TritonDecodeEngine(model, tune=False),
+            "triton-tuned": lambda: TritonDecodeEngine(model, tune_budget_s=3.0)}[engine]
+    one, many = FastLlamaEngine(model, cuda_graph=False, static_step=False), make()   # reference: no graph
+    assert many.decode_chunk > 1 and one.decode_chunk == 1
+    for eng in (one, many):
+        eng.begin(40)
+    tok = int(one.prefill(emb, 8).argmax())
+    assert int(many.prefill(emb, 8).argmax()) == tok
+    singles, t = [], tok
+    for _ in range(6):
+        t = one.step(t)
+        singles.append(t)
+    assert many.steps(tok, 4) + many.steps(singles[3], 2) == singles      # captured (and tuned) after prefill
+    assert many.length == one.length == 27
+    # capturing, warming up and tuning left the prompt's rows alone: the caches hold the same sequence
+    torch.testing.assert_close(many.cache.k[:, :, :27], one.cache.k[:, :, :27], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(many.cache.v[:, :, :27], one.cache.v[:, :, :27], rtol=1e-4, atol=1e-4)

@@ -94,7 +94,7 @@ def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
     calls, c_rows = [], []
     handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     c_forward = fast._cpu.forward
-    fast._cpu.forward = lambda x, start: c_rows.append(x.shape[0]) or c_forward(x, start)
+    fast._cpu.forward = lambda x, start, *a: c_rows.append(x.shape[0]) or c_forward(x, start, *a)
     got, got_toks = _run(fast, emb, 128, 0)
     handle.remove()
     assert c_rows == [128, 128, 44]                 # every chunk went through the C-helper path
@@ -159,3 +159,46 @@ def test_loading_the_c_libraries_keeps_denormals_in_torch():
     assert cpu_kernels.library() is not None
     tiny = torch.tensor([1e-40], dtype=torch.float32)                 # a float32 denormal
     assert float(tiny * 1.0) != 0.0 and float(tiny / 2) != 0.0
+
+
+@needs_lib
+def test_decode_over_the_fp16_mirror_follows_the_fp32_cache_through_a_rewind():
+    from bluelm_v.fast_llama import FastLlamaEngine
+
+    rels = []
+
+    model = _tiny_llm(seed=5)
+    emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 90)))         # [1,90,64]
+    half, full = FastLlamaEngine(model), FastLlamaEngine(model, cpu_half_kv=False)
+    calls = []
+    lib = half._cpu.lib
+    half._cpu.lib = type("Spy", (), {"__getattr__": lambda self, n: (calls.append(n) if n.startswith(
+        "attn_decode") else None) or getattr(lib, n)})()
+    for eng in (half, full):
+        eng.begin(120)
+        eng.prefill(emb[:, :60], 32)
+    tok = 7
+    for _ in range(4):                                     # rows 60..63: the prompt mirrored, then one a step
+        a, b = half.step(tok), full.step(tok)
+        rel = ((half.last_logits - full.last_logits).norm() / full.last_logits.norm()).item()
+        assert rel < 5e-3, rel                             # fp16 keys/values: 11-bit mantissas
+        rels.append(rel)
+        assert a == b
+        tok = a
+    assert calls and set(calls) == {"attn_decode_f16"}
+    assert half._cpu._synced == 64
+    # rewind: rows 50.. rewritten by a prefill of other tokens; decode must see the new rows
+    for eng in (half, full):
+        eng.length = eng.cache.length = 50
+        eng.forward(emb[:, 60:90])                       # rows 50..79
+    assert half._cpu._synced == 50
+    for _ in range(3):
+        a, b = half.step(tok), full.step(tok)
+        rel = ((half.last_logits - full.last_logits).norm() / full.last_logits.norm()).item()
+        assert rel < 5e-3, rel                             # fp16 keys/values: 11-bit mantissas
+        rels.append(rel)
+        tok = a
+    kh = half._cpu.mirrored_keys()
+    torch.testing.assert_close(kh[:, :, :83].float(), half.cache.k[:, :, :83], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(half._cpu._half[1][:, :, :83].float(), half.cache.v[:, :, :83], rtol=1e-3, atol=1e-3)
+    assert max(rels) > 0                                   # the mirror really was read

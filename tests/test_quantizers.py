@@ -94,6 +94,30 @@ def test_every_cpu_path_matches_the_dequantised_matmul(m, cls, kw):
         assert rel(q(x), ref) < 1e-5, kernel
 
 
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="needs the C kernels")
+@pytest.mark.parametrize("cls,kw", [(Int4Linear, {"group_size": 64}), (Int8Linear, {})])
+def test_bf16_prefill_kernel_is_a_bf16_gemm_and_leaves_decode_in_fp32(cls, kw):
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 83)
+    q = cls.from_linear(lin, kernel="cpu_bf16", **kw)
+    w = q.dequantize()                                                   # [83, 192] fp32
+    lib = cpu_kernels.library()
+    wb = torch.empty(83, 192, dtype=torch.bfloat16)                      # the C dequantiser's bf16 rows
+    if cls is Int4Linear:
+        lib.int4_dequant(q.qweight.data_ptr(), q.scales.data_ptr(), q.zeros.data_ptr(), 192, 64, 0, 83,
+                         wb.data_ptr(), 1, 1)
+    else:
+        lib.int8_dequant(q.qweight.data_ptr(), q.scale.data_ptr(), 192, 0, 83, wb.data_ptr(), 1, 1)
+    assert torch.equal(wb, w.bfloat16())                                 # round to nearest even, like torch
+    x = torch.randn(40, 192)                                             # prefill-sized: the bf16 GEMM
+    got = q(x)
+    assert got.dtype == torch.float32
+    assert rel(got, F.linear(x.bfloat16(), wb).float() + lin.bias) < 3e-3   # torch's bf16 GEMM (1-ulp ties)
+    assert 1e-4 < rel(got, F.linear(x, w, lin.bias)) < 1e-2              # bf16 inputs and outputs
+    x4 = torch.randn(4, 192)                                             # decode-sized: the fp32 kernel
+    assert rel(q(x4), F.linear(x4, w, lin.bias)) < 1e-5
+
+
 def test_fallback_without_c_compiler(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_LIB", [None])
     q = Int4Linear.from_linear(nn.Linear(64, 600), group_size=32)

@@ -172,3 +172,22 @@ def test_smollm2_answers_and_matches_transformers_generate():
                                    pad_token_id=m.tokenizer.pad_token_id)
     want = [t for t in ref[0, ids.shape[1]:].tolist() if t not in m.llm.eos_token_ids]
     assert res.token_ids == want
+
+
+def test_decode_in_chunks_gives_the_tokens_of_one_at_a_time(model, image, monkeypatch):
+    from bluelm_v.fast_llama import FastLlamaEngine
+
+    def run(chunk, stop_at=None):
+        monkeypatch.setattr(FastLlamaEngine, "decode_chunk", property(lambda self: chunk))
+        logits, gen = _last_logits(model, "fast", 16, image)
+        if stop_at is not None:
+            gen.eos = {stop_at}
+        return gen.decode(int(logits.argmax()), 7), gen.engine.length
+
+    (ids1, text1, why1), _ = run(1)
+    (ids4, text4, why4), length4 = run(4)
+    assert (ids4, text4, why4) == (ids1, text1, why1) and len(ids1) == 7 and why1 == "length"
+    assert length4 >= len(ids4)                   # asked in chunks of at most 4: 4 + 3, no more
+    # an end token inside a chunk ends the answer there; the chunk's later tokens are dropped
+    (ids_e, _, why_e), _ = run(4, stop_at=ids1[2])
+    assert why_e == "eos" and ids_e == ids1[:ids1.index(ids1[2])]

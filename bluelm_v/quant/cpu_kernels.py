@@ -8,8 +8,8 @@ Kernels (all fp32 activations and accumulation; OpenMP threads = torch.get_num_t
 same libgomp torch uses, so the two never oversubscribe the cores):
   int4_gemm_small  y[M, N] = x[M, K] @ dequant(W4).T (+ bias), for small M (decode)
   int8_gemm_small  the same for per-channel INT8 weights
-  int4_dequant     W4 rows -> fp32 rows (the tile step of the large-M path)
-  int8_dequant     W8 rows -> fp32 rows
+  int4_dequant     W4 rows -> fp32 (or bf16) rows (the tile step of the large-M path)
+  int8_dequant     W8 rows -> fp32 (or bf16) rows
 
 The library is compiled with ``cc -O3 -march=native -fopenmp`` into ``$BLUELM_V_CACHE`` (default
 ~/.cache/bluelm_v/kernels), keyed by a hash of the source and the compiler. Without a C compiler,
@@ -251,31 +251,46 @@ void int8_gemm_small(const float* x, int M, int K, const int8_t* q, const float*
     }
 }
 
-/* rows [r0, r1) of a packed int4 weight -> out [(r1 - r0), K] fp32 */
+/* fp32 -> bf16 bits, round to nearest even (finite values) */
+static inline uint16_t f2bf(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+/* one dequantised row chunk -> out row n - r0: fp32, or bf16 bits when bf16 (the bf16 GEMM path) */
+#define STORE(o, i, v) do { if (bf16) ((uint16_t*)(o))[i] = f2bf(v); else ((float*)(o))[i] = (v); } while (0)
+
+/* rows [r0, r1) of a packed int4 weight -> out [(r1 - r0), K] fp32 (bf16 != 0: bf16) */
 void int4_dequant(const uint8_t* packed, const uint16_t* scales, const uint16_t* zeros, int K, int g,
-                  int r0, int r1, float* out, int threads) {
+                  int r0, int r1, void* out, int threads, int bf16) {
     int G = K / g, h = g / 2;
+    size_t esize = bf16 ? 2 : 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n = r0; n < r1; n++) {
         const uint8_t* prow = packed + (size_t)n * (K / 2);
-        float* o = out + (size_t)(n - r0) * K;
+        char* o = (char*)out + (size_t)(n - r0) * K * esize;
         for (int gi = 0; gi < G; gi++) {
             float s = h2f(scales[(size_t)n * G + gi]);
             float z = zeros ? h2f(zeros[(size_t)n * G + gi]) : -8.f * s;
             const uint8_t* p = prow + (size_t)gi * h;
-            float* og = o + (size_t)gi * g;
-            for (int j = 0; j < h; j++) { og[2 * j] = (float)(p[j] & 15) * s + z; og[2 * j + 1] = (float)(p[j] >> 4) * s + z; }
+            char* og = o + (size_t)gi * g * esize;
+            for (int j = 0; j < h; j++) {
+                STORE(og, 2 * j, (float)(p[j] & 15) * s + z);
+                STORE(og, 2 * j + 1, (float)(p[j] >> 4) * s + z);
+            }
         }
     }
 }
 
-void int8_dequant(const int8_t* q, const float* scale, int K, int r0, int r1, float* out, int threads) {
+void int8_dequant(const int8_t* q, const float* scale, int K, int r0, int r1, void* out, int threads, int bf16) {
+    size_t esize = bf16 ? 2 : 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n = r0; n < r1; n++) {
         const int8_t* row = q + (size_t)n * K;
-        float* o = out + (size_t)(n - r0) * K;
+        char* o = (char*)out + (size_t)(n - r0) * K * esize;
         float s = scale[n];
-        for (int k = 0; k < K; k++) o[k] = (float)row[k] * s;
+        for (int k = 0; k < K; k++) STORE(o, k, (float)row[k] * s);
     }
 }
 """
@@ -288,8 +303,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "int4_gemm_small": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I],
     "int8_gemm_small": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
-    "int4_dequant": [_P, _P, _P, _I, _I, _I, _I, _P, _I],
-    "int8_dequant": [_P, _P, _I, _I, _I, _P, _I],
+    "int4_dequant": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _I],
+    "int8_dequant": [_P, _P, _I, _I, _I, _P, _I, _I],
 }
 # Compiled with -ffast-math (vectorised float reductions) but LINKED without it: linking with it
 # pulls in GCC's crtfastmath start-up code, which turns on flush-to-zero for the whole process
@@ -323,8 +338,8 @@ def _build(cc: str, source: str = C_SOURCE, stem: str = "bluelm_v_quant", libs: 
 
 
 def load(source: str, stem: str, signatures: dict, slot: list, what: str, libs: tuple = ()):
-    """Build (once) and load a C library with ctypes ``signatures`` ({name: argtypes}, void
-    results), cached in ``slot``; None without a compiler, with BLUELM_V_NO_CPU_KERNELS=1, or when
+    """Build (once) and load a C library with ctypes ``signatures`` ({name: argtypes}: void
+    results; argless functions return int), cached in ``slot``; None without a compiler, with BLUELM_V_NO_CPU_KERNELS=1, or when
     the build fails (a warning with the compiler's message names ``what`` falls back to torch)."""
     if slot:
         return slot[0]
@@ -338,7 +353,7 @@ def load(source: str, stem: str, signatures: dict, slot: list, what: str, libs: 
                 lib = ctypes.CDLL(str(_build(cc, source, stem, libs)))
                 for name, args in signatures.items():
                     getattr(lib, name).argtypes = args
-                    getattr(lib, name).restype = None
+                    getattr(lib, name).restype = None if args else ctypes.c_int
             except (OSError, subprocess.CalledProcessError) as exc:
                 detail = getattr(exc, "stderr", "") or str(exc)
                 print(f"bluelm-v: warning: {what} could not be built with {cc} ({detail.strip()[:300]}); "

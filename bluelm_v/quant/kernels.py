@@ -9,6 +9,7 @@ Paths (bench/bench_quant_kernels.py times all of them; linear.py picks per devic
   compiled         torch.compile'd dequantise + matmul (inductor fuses the unpacking)
   cpu_fused        cpu_kernels.int{4,8}_gemm_small: fused unpack + FMA over the packed weight (C)
   cpu_tiled        cpu_kernels.int{4,8}_dequant of the whole W (<= TILE_BYTES in fp32) + one GEMM
+                   (the module kernel "cpu_bf16": that W in bf16 and a bf16 GEMM)
                    (cpu_layer_ops.linear: oneDNN, else MKL), or of TILE_ROWS rows at a time + MKL
   ort, ort_int8act ONNX Runtime MatMulNBits (CPU), fp32 compute / int8 activations (accuracy 4)
 """
@@ -174,19 +175,22 @@ def int8_fused_cpu(lib, x, q, scale, bias=None) -> torch.Tensor:
     return y
 
 
-def _tiled(dequant_rows, x, n: int, bias) -> torch.Tensor:
+def _tiled(dequant_rows, x, n: int, bias, bf16: bool = False) -> torch.Tensor:
     """y = x @ W.T. A W of at most TILE_BYTES in fp32 is dequantised whole and multiplied in one
-    GEMM (cpu_layer_ops.linear: oneDNN, else MKL); a larger one TILE_ROWS output rows at a time
-    into one reused buffer, so no full fp32 copy of it ever exists (a 122753 x 2304 lm_head
-    would be 1.1 GB; the memory job's 2.2 GB budget has no room for bigger tiles)."""
+    GEMM (cpu_layer_ops.linear: oneDNN, else MKL; bf16: W dequantised straight to bf16 and x
+    rounded to bf16 for oneDNN's bf16 GEMM: fp32 accumulation, the result rounded to bf16 and
+    returned as fp32); a larger one TILE_ROWS
+    output rows at a time into one reused fp32 buffer, so no full fp32 copy of it ever exists (a
+    122753 x 2304 lm_head would be 1.1 GB; the memory job's 2.2 GB budget has no room for
+    bigger tiles)."""
     x = x.float()
     m, k = x.shape
     if n * k * 4 <= TILE_BYTES:
         from ..cpu_layer_ops import linear
 
-        buf = torch.empty((n, k), dtype=torch.float32)                        # [N, K]
+        buf = torch.empty((n, k), dtype=torch.bfloat16 if bf16 else torch.float32)     # [N, K]
         dequant_rows(0, n, buf)
-        y = linear(x.contiguous(), buf)                                       # [M, N]
+        y = linear(x.to(buf.dtype).contiguous(), buf).float()                           # [M, N]
         return y if bias is None else y.add_(bias)
     y = torch.empty((m, n), dtype=torch.float32)                              # [M, N]
     buf = torch.empty((min(TILE_ROWS, n), k), dtype=torch.float32)            # [T, K]
@@ -202,16 +206,18 @@ def _tiled(dequant_rows, x, n: int, bias) -> torch.Tensor:
     return y if bias is None else y.add_(bias)
 
 
-def int4_tiled_cpu(lib, x, packed, scales, zeros, group_size: int, bias=None) -> torch.Tensor:
+def int4_tiled_cpu(lib, x, packed, scales, zeros, group_size: int, bias=None, bf16=False) -> torch.Tensor:
     k = packed.shape[1] * 2
     threads = torch.get_num_threads()
     return _tiled(lambda r0, r1, buf: lib.int4_dequant(packed.data_ptr(), scales.data_ptr(), _ptr(zeros), k,
-                                                       group_size, r0, r1, buf.data_ptr(), threads),
-                  x, packed.shape[0], bias)
+                                                       group_size, r0, r1, buf.data_ptr(), threads,
+                                                       int(buf.dtype == torch.bfloat16)),
+                  x, packed.shape[0], bias, bf16)
 
 
-def int8_tiled_cpu(lib, x, q, scale, bias=None) -> torch.Tensor:
+def int8_tiled_cpu(lib, x, q, scale, bias=None, bf16=False) -> torch.Tensor:
     k = q.shape[1]
     threads = torch.get_num_threads()
-    return _tiled(lambda r0, r1, buf: lib.int8_dequant(q.data_ptr(), scale.data_ptr(), k, r0, r1,
-                                                       buf.data_ptr(), threads), x, q.shape[0], bias)
+    return _tiled(lambda r0, r1, buf: lib.int8_dequant(q.data_ptr(), scale.data_ptr(), k, r0, r1, buf.data_ptr(),
+                                                       threads, int(buf.dtype == torch.bfloat16)),
+                  x, q.shape[0], bias, bf16)

@@ -9,6 +9,10 @@
 Kernel per device and batch (``kernel="auto"``; measured in bench/bench_quant_kernels.py):
   CPU, rows M <= FUSED_MAX_M (decode)  cpu_fused: C unpack+FMA over the packed weight
   CPU, larger M (prefill, encoder)     cpu_tiled: C dequantise 256 rows -> MKL GEMM, buffer reused
+``kernel="cpu_bf16"``: the same, but a W of <= 8 MB (fp32) is dequantised to bf16 and multiplied
+by bf16-rounded activations (oneDNN's bf16 GEMM, fp32 accumulation, bf16-rounded outputs: ~2x the
+fp32 rate on AVX512-BF16; llama.cpp's Q4 prefill rounds activations to 8 bits); decode stays on the
+fp32 fused kernel.
   CPU without a C compiler             dequant: torch dequantise (tiled) -> F.linear
   CUDA, INT4                           torch's tinygemm (_weight_int4pack_mm, bf16 activations,
                                        a re-laid-out copy of the codes), dequant if it refuses
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from . import cpu_kernels, kernels, packing
 
 FUSED_MAX_M = 16
+CPU_KERNELS = ("auto", "cpu_fused", "cpu_tiled", "cpu_bf16")     # the C kernels' module kernels
 ACT_CHUNK = 1024      # rows rounded to act_dtype at a time (caps the transient copies of x)
 ACT_DTYPES = ("fp32", "fp16", "bf16")
 _ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,7 +67,7 @@ class QuantLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.dtype is torch.float32 and x.device.type == "cpu" and self.act_dtype == "fp32" \
-                and self.kernel in ("auto", "cpu_fused") and x.numel() <= FUSED_MAX_M * self.in_features:
+                and self.kernel in ("auto", "cpu_fused", "cpu_bf16") and x.numel() <= FUSED_MAX_M * self.in_features:
             lib = cpu_kernels.library()       # decode: straight to the C kernel, few Python steps
             if lib is not None and self._fused_ok:
                 x2 = x.reshape(-1, self.in_features)
@@ -92,12 +97,12 @@ class QuantLinearBase(nn.Module):
         return ptrs
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.kernel in ("auto", "cpu_fused", "cpu_tiled"):
+        if x.device.type == "cpu" and self.kernel in CPU_KERNELS:
             lib = cpu_kernels.library()
             if lib is not None:
-                fused = self.kernel == "cpu_fused" or (self.kernel == "auto" and x.shape[0] <= FUSED_MAX_M)
-                return self._cpu_fused(lib, x) if fused else self._cpu_tiled(lib, x)
-        if self.kernel not in ("auto", "dequant", "cpu_fused", "cpu_tiled"):
+                fused = self.kernel == "cpu_fused" or (self.kernel in ("auto", "cpu_bf16") and x.shape[0] <= FUSED_MAX_M)
+                return self._cpu_fused(lib, x) if fused else self._cpu_tiled(lib, x, self.kernel == "cpu_bf16")
+        if self.kernel not in ("auto", "dequant") + CPU_KERNELS:
             fn = self._device_kernels.get(x.device)
             if fn is None:
                 fn = self._make_kernel(self.kernel, x.device.type)
@@ -166,8 +171,8 @@ class Int8Linear(QuantLinearBase):
     def _cpu_fused(self, lib, x):
         return kernels.int8_fused_cpu(lib, x, self.qweight, self.scale, self.bias)
 
-    def _cpu_tiled(self, lib, x):
-        return kernels.int8_tiled_cpu(lib, x, self.qweight, self.scale, self.bias)
+    def _cpu_tiled(self, lib, x, bf16=False):
+        return kernels.int8_tiled_cpu(lib, x, self.qweight, self.scale, self.bias, bf16)
 
     def _make_kernel(self, path, device):
         return kernels.make_int8(path, self.qweight, self.scale, device)
@@ -226,8 +231,9 @@ class Int4Linear(QuantLinearBase):
             return self._dequant_matmul(x)
         return kernels.int4_fused_cpu(lib, x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
-    def _cpu_tiled(self, lib, x):
-        return kernels.int4_tiled_cpu(lib, x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+    def _cpu_tiled(self, lib, x, bf16=False):
+        return kernels.int4_tiled_cpu(lib, x, self.qweight, self.scales, self.zeros, self.group_size, self.bias,
+                                      bf16)
 
     def _make_kernel(self, path, device):
         return kernels.make_int4(path, self.qweight, self.scales, self.zeros, self.group_size, device)
