@@ -8,7 +8,8 @@ vs llama.cpp (llama-cpp-python) on the very same GGUF file, all in one run. Prin
 Systems: llama_cpp, transformers (fp32 generate), ours (fp32), ours_w8 (INT8 weights incl. the
 tied embedding/lm_head), ours_w4_g64 / ours_w4_g32 (INT4 layers, INT8 embedding/lm_head, as
 llama.cpp's Q4 files keep theirs at 8 bits), ours_w4_g64_bf16 (the same with kernel=cpu_bf16:
-prefill GEMMs in bf16), ours_w4_g64_fp32kv (decode attention over the fp32 cache instead of the
+prefill GEMMs in bf16), ours_w4_g64_lowp (kernel=cpu_lowp: that and INT4 decode GEMVs on int8-rounded
+activations, llama.cpp's Q4 x Q8), ours_w4_g64_fp32kv (decode attention over the fp32 cache instead of the
 fp16 mirror); ours = FastLlamaEngine, --chunk rows per prefill
 forward (default 128, the runtime's default).
 
@@ -159,6 +160,8 @@ def main() -> None:
                                     targets=["llm"], group_size=64),
         "ours_w4_g64_bf16": lambda: Ours(registry, "ours, w4 g64, bf16 prefill GEMMs (kernel=cpu_bf16)", "w4",
                                          args.chunk, targets=["llm"], group_size=64, kernel="cpu_bf16"),
+        "ours_w4_g64_lowp": lambda: Ours(registry, "ours, w4 g64, kernel=cpu_lowp (bf16 prefill, int8-act decode)",
+                                         "w4", args.chunk, targets=["llm"], group_size=64, kernel="cpu_lowp"),
         "ours_w4_g64_fp32kv": lambda: Ours(registry, "ours, w4 g64, decode over the fp32 cache", "w4", args.chunk,
                                            engine_kw=dict(cpu_half_kv=False), targets=["llm"], group_size=64),
         "ours_w4_g32": lambda: Ours(registry, "ours, w4 g32 (INT8 embedding)", "w4", args.chunk,

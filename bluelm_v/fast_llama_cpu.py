@@ -80,7 +80,7 @@ def direct_matvec(mod):
     from .quant.linear import Int4Linear, Int8Linear
 
     qlib = cpu_kernels.library()
-    if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in ("auto", "cpu_fused", "cpu_bf16") or \
+    if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in ("auto", "cpu_fused", "cpu_bf16", "cpu_lowp") or \
             mod.act_dtype != "fp32" or _hooked(mod) or not mod._fused_ok or mod.bias is not None or \
             mod.qweight.device.type != "cpu":
         return None
@@ -88,6 +88,9 @@ def direct_matvec(mod):
     if type(mod) is Int4Linear:
         s, g = mod.scales.data_ptr(), mod.group_size
         z = None if mod.zeros is None else mod.zeros.data_ptr()
+        q8 = cpu_kernels.q8_gemv() if mod.kernel == "cpu_lowp" else None
+        if q8 is not None:                       # int8-rounded activations, integer dot products
+            return lambda xp, yp, ap, nt: q8(xp, k, q, s, z, ap, n, g, yp, nt)
         f4 = qlib.int4_gemm_small
         return lambda xp, yp, ap, nt: f4(xp, 1, k, q, s, z, ap, n, g, yp, nt)
     s, f8 = mod.scale.data_ptr(), qlib.int8_gemm_small

@@ -18,8 +18,8 @@ from bluelm_v import hookimpl
 
 TARGETS = ("all", "encoder", "downsampler", "projector", "llm")
 GROUP_SIZES = (32, 64, 128)
-KERNELS = ("auto", "cpu_fused", "cpu_tiled", "cpu_bf16", "dequant", "torch_int8pack", "torch_int4pack", "compiled",
-           "ort")
+KERNELS = ("auto", "cpu_fused", "cpu_tiled", "cpu_bf16", "cpu_lowp", "dequant", "torch_int8pack", "torch_int4pack",
+           "compiled", "ort")
 BAD_SHAPE = ("error", "skip", "smaller_group")
 
 

@@ -108,7 +108,8 @@ def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
 
 
 @needs_lib
-@pytest.mark.parametrize("quantizer", [dict(name="w4", group_size=32), dict(name="w8")])
+@pytest.mark.parametrize("quantizer", [dict(name="w4", group_size=32), dict(name="w8"),
+                                       dict(name="w4", group_size=32, kernel="cpu_lowp")])
 def test_quantised_projections_are_fused_into_views_and_decode_like_transformers(quantizer):
     from bluelm_v.engines import HFEngine
     from bluelm_v.fast_llama import FastLlamaEngine

@@ -118,6 +118,24 @@ def test_bf16_prefill_kernel_is_a_bf16_gemm_and_leaves_decode_in_fp32(cls, kw):
     assert rel(q(x4), F.linear(x4, w, lin.bias)) < 1e-5
 
 
+@pytest.mark.skipif(cpu_kernels.q8_gemv() is None, reason="needs the C kernels with AVX-512 VNNI")
+@pytest.mark.parametrize("group", [32, 64])
+def test_lowp_kernel_decodes_on_int8_rounded_activations(group):
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 77)
+    q = Int4Linear.from_linear(lin, group_size=group, kernel="cpu_lowp")
+    w = q.dequantize()
+    x = torch.randn(1, 256)
+    xg = x.view(-1, group)                                               # x rounded to int8 per weight group
+    amax = xg.abs().amax(1, keepdim=True)
+    x8 = (torch.round(xg * 127 / amax) * (amax / 127)).view(1, -1)
+    got = q(x)
+    assert rel(got, F.linear(x8, w, lin.bias)) < 1e-5                    # integer dots == that rounding, exactly
+    assert 1e-4 < rel(got, F.linear(x, w, lin.bias)) < 2e-2              # and not the fp32 result
+    x4 = torch.randn(4, 256)                                             # more rows: the fp32 kernel
+    assert rel(q(x4), F.linear(x4, w, lin.bias)) < 1e-5
+
+
 def test_fallback_without_c_compiler(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_LIB", [None])
     q = Int4Linear.from_linear(nn.Linear(64, 600), group_size=32)

@@ -4,9 +4,11 @@ Why: on this project's target (2 CPU threads, batch-1 decode) none of torch's bu
 matmuls beats the fp32 matvec (bench/bench_quant_kernels.py); a fused unpack-and-FMA loop reads
 the packed weight once and is memory-bound on 1/8 of the fp32 bytes.
 
-Kernels (all fp32 activations and accumulation; OpenMP threads = torch.get_num_threads(), the
+Kernels (fp32 activations and accumulation unless said; OpenMP threads = torch.get_num_threads(), the
 same libgomp torch uses, so the two never oversubscribe the cores):
   int4_gemm_small  y[M, N] = x[M, K] @ dequant(W4).T (+ bias), for small M (decode)
+  int4_gemv_q8     the same for M = 1 on 8-bit-quantised activations (integer dot products, VNNI;
+                   module kernel "cpu_lowp" only)
   int8_gemm_small  the same for per-channel INT8 weights
   int4_dequant     W4 rows -> fp32 (or bf16) rows (the tile step of the large-M path)
   int8_dequant     W8 rows -> fp32 (or bf16) rows
@@ -234,6 +236,76 @@ void int4_gemm_small(const float* x, int M, int K, const uint8_t* packed, const 
     free(xs); free(xsum);
 }
 
+/* Decode (one row) on 8-bit-quantised activations, llama.cpp's Q4 x Q8 scheme: x is rounded per
+   weight group to int8 (scale dx = max|x|/127), split even/odd like the packed nibbles, and each
+   group's dot product is integer (AVX-512 VNNI vpdpbusd: unsigned nibble x signed byte, 4 at a
+   time): y[n] = sum_g s*dx*(q . xq) + z*dx*sum(xq) (+ bias, which may alias y). has_vnni() says
+   whether this build has it (else the caller keeps int4_gemm_small). */
+int has_vnni(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void int4_gemv_q8(const float* x, int K, const uint8_t* packed, const uint16_t* scales, const uint16_t* zeros,
+                  const float* bias, int N, int g, float* y, int threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    int G = K / g, H = g / 2;
+    if ((long)N * K < PAR_MIN_WEIGHTS) threads = 1;
+    int8_t* xq = (int8_t*)malloc((size_t)K);            /* per group: H even columns, then H odd */
+    float* dx = (float*)malloc(sizeof(float) * (size_t)G);
+    float* zx = (float*)malloc(sizeof(float) * (size_t)G);   /* dx * sum(xq) */
+    for (int gi = 0; gi < G; gi++) {
+        const float* xg = x + (size_t)gi * g;
+        float amax = 0.f;
+        for (int j = 0; j < g; j++) amax = fmaxf(amax, fabsf(xg[j]));
+        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < H; j++) {
+            int e = (int)lrintf(xg[2 * j] * inv), o = (int)lrintf(xg[2 * j + 1] * inv);
+            xq[(size_t)gi * g + j] = (int8_t)e;
+            xq[(size_t)gi * g + H + j] = (int8_t)o;
+            sum += e + o;
+        }
+        dx[gi] = d;
+        zx[gi] = d * (float)sum;
+    }
+    const __m128i low4 = _mm_set1_epi8(15);
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t* prow = packed + (size_t)n * (K / 2);
+        const uint16_t* srow = scales + (size_t)n * G;
+        const uint16_t* zrow = zeros ? zeros + (size_t)n * G : NULL;
+        if (n + 4 < N) _mm_prefetch((const char*)(prow + 4 * (size_t)(K / 2)), _MM_HINT_T0);
+        __m128 acc = _mm_setzero_ps();
+        float accz = 0.f;
+        for (int gi = 0; gi < G; gi++) {
+            const uint8_t* p = prow + (size_t)gi * H;
+            const int8_t* xe = xq + (size_t)gi * g;
+            __m128i dot = _mm_setzero_si128();
+            for (int c = 0; c < H; c += 16) {            /* 16 bytes = 32 weights */
+                __m128i b = _mm_loadu_si128((const __m128i*)(p + c));
+                __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                dot = _mm_dpbusd_epi32(dot, lo, _mm_loadu_si128((const __m128i*)(xe + c)));
+                dot = _mm_dpbusd_epi32(dot, hi, _mm_loadu_si128((const __m128i*)(xe + H + c)));
+            }
+            float s = h2f(srow[gi]);
+            float z = zrow ? h2f(zrow[gi]) : -8.f * s;
+            acc = _mm_fmadd_ps(_mm_set1_ps(s * dx[gi]), _mm_cvtepi32_ps(dot), acc);
+            accz += z * zx[gi];
+        }
+        acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
+        acc = _mm_add_ss(acc, _mm_movehdup_ps(acc));
+        y[n] = _mm_cvtss_f32(acc) + accz + (bias ? bias[n] : 0.f);
+    }
+    free(xq); free(dx); free(zx);
+#else
+    (void)x; (void)K; (void)packed; (void)scales; (void)zeros; (void)bias; (void)N; (void)g; (void)y; (void)threads;
+#endif
+}
+
 /* x [M, K] fp32; q int8 [N, K]; scale fp32 [N]; bias [N] or NULL; y [M, N]. */
 void int8_gemm_small(const float* x, int M, int K, const int8_t* q, const float* scale,
                      const float* bias, int N, float* y, int threads) {
@@ -304,6 +376,8 @@ _SIGNATURES = {
     "int4_gemm_small": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I],
     "int8_gemm_small": [_P, _I, _I, _P, _P, _P, _I, _P, _I],
     "int4_dequant": [_P, _P, _P, _I, _I, _I, _I, _P, _I, _I],
+    "int4_gemv_q8": [_P, _I, _P, _P, _P, _P, _I, _I, _P, _I],
+    "has_vnni": [],
     "int8_dequant": [_P, _P, _I, _I, _I, _P, _I, _I],
 }
 # Compiled with -ffast-math (vectorised float reductions) but LINKED without it: linking with it
@@ -367,3 +441,14 @@ def library():
     """The loaded kernel library, building it on first use; None when it cannot be built
     (no compiler, or BLUELM_V_NO_CPU_KERNELS=1): callers then use torch fallbacks."""
     return load(C_SOURCE, "bluelm_v_quant", _SIGNATURES, _LIB, "CPU quant kernels")
+
+
+_VNNI: list = []
+
+
+def q8_gemv():
+    """lib.int4_gemv_q8 where the library has it (AVX-512 VNNI), else None (cached)."""
+    if not _VNNI:
+        lib = library()
+        _VNNI.append(lib.int4_gemv_q8 if lib is not None and lib.has_vnni() == 1 else None)
+    return _VNNI[0]

@@ -9,6 +9,9 @@
 Kernel per device and batch (``kernel="auto"``; measured in bench/bench_quant_kernels.py):
   CPU, rows M <= FUSED_MAX_M (decode)  cpu_fused: C unpack+FMA over the packed weight
   CPU, larger M (prefill, encoder)     cpu_tiled: C dequantise 256 rows -> MKL GEMM, buffer reused
+``kernel="cpu_lowp"``: cpu_bf16's prefill and, for INT4 layers, decode (one row) on activations rounded
+to int8 per weight group with integer dot products (cpu_kernels.int4_gemv_q8, AVX-512 VNNI): llama.cpp's
+Q4 x Q8 scheme, ~0.5% relative error on a layer's output.
 ``kernel="cpu_bf16"``: the same, but a W of <= 8 MB (fp32) is dequantised to bf16 and multiplied
 by bf16-rounded activations (oneDNN's bf16 GEMM, fp32 accumulation, bf16-rounded outputs: ~2x the
 fp32 rate on AVX512-BF16; llama.cpp's Q4 prefill rounds activations to 8 bits); decode stays on the
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from . import cpu_kernels, kernels, packing
 
 FUSED_MAX_M = 16
-CPU_KERNELS = ("auto", "cpu_fused", "cpu_tiled", "cpu_bf16")     # the C kernels' module kernels
+CPU_KERNELS = ("auto", "cpu_fused", "cpu_tiled", "cpu_bf16", "cpu_lowp")     # the C kernels' module kernels
+BF16_PREFILL = ("cpu_bf16", "cpu_lowp")
 ACT_CHUNK = 1024      # rows rounded to act_dtype at a time (caps the transient copies of x)
 ACT_DTYPES = ("fp32", "fp16", "bf16")
 _ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,7 +71,7 @@ class QuantLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.dtype is torch.float32 and x.device.type == "cpu" and self.act_dtype == "fp32" \
-                and self.kernel in ("auto", "cpu_fused", "cpu_bf16") and x.numel() <= FUSED_MAX_M * self.in_features:
+                and self.kernel in ("auto", "cpu_fused") + BF16_PREFILL and x.numel() <= FUSED_MAX_M * self.in_features:
             lib = cpu_kernels.library()       # decode: straight to the C kernel, few Python steps
             if lib is not None and self._fused_ok:
                 x2 = x.reshape(-1, self.in_features)
@@ -100,8 +104,8 @@ class QuantLinearBase(nn.Module):
         if x.device.type == "cpu" and self.kernel in CPU_KERNELS:
             lib = cpu_kernels.library()
             if lib is not None:
-                fused = self.kernel == "cpu_fused" or (self.kernel in ("auto", "cpu_bf16") and x.shape[0] <= FUSED_MAX_M)
-                return self._cpu_fused(lib, x) if fused else self._cpu_tiled(lib, x, self.kernel == "cpu_bf16")
+                fused = self.kernel == "cpu_fused" or (self.kernel in ("auto",) + BF16_PREFILL and x.shape[0] <= FUSED_MAX_M)
+                return self._cpu_fused(lib, x) if fused else self._cpu_tiled(lib, x, self.kernel in BF16_PREFILL)
         if self.kernel not in ("auto", "dequant") + CPU_KERNELS:
             fn = self._device_kernels.get(x.device)
             if fn is None:
@@ -223,12 +227,20 @@ class Int4Linear(QuantLinearBase):
 
     def _fused_into(self, lib, x, y):
         q, s, z, b = self._pointers(("qweight", "scales", "zeros"))
+        q8 = cpu_kernels.q8_gemv() if self.kernel == "cpu_lowp" and x.shape[0] == 1 else None
+        if q8 is not None:
+            return q8(x.data_ptr(), self.in_features, q, s, z, b, self.out_features, self.group_size, y.data_ptr(),
+                      torch.get_num_threads())
         lib.int4_gemm_small(x.data_ptr(), x.shape[0], self.in_features, q, s, z, b, self.out_features,
                             self.group_size, y.data_ptr(), torch.get_num_threads())
 
     def _cpu_fused(self, lib, x):
         if self.group_size > cpu_kernels.MAX_GROUP:
             return self._dequant_matmul(x)
+        if self.kernel == "cpu_lowp" and x.shape[0] == 1 and cpu_kernels.q8_gemv() is not None:
+            y = torch.empty((1, self.out_features))
+            self._fused_into(lib, x.detach().float().contiguous(), y)
+            return y
         return kernels.int4_fused_cpu(lib, x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def _cpu_tiled(self, lib, x, bf16=False):
