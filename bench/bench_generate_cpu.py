@@ -67,8 +67,10 @@ class Ours:
             t0 = time.perf_counter()
             tok = int(self.engine.prefill(emb, self.chunk).argmax())
             t1 = time.perf_counter()
+            self.tokens = [tok]
             for _ in range(n_new - 1):
                 tok = self.engine.step(tok)
+                self.tokens.append(tok)
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
@@ -199,6 +201,12 @@ def main() -> None:
     for name, system in systems:
         p, d = best[name]
         print(f"| {system.label} | {p:.1f} | {d:.1f} | {p / ref_pre:.2f} | {d / ref_dec:.2f} |")
+    ours = [(n, s) for n, s in systems if hasattr(s, "tokens")]
+    if len(ours) > 1:       # the same greedy answer? (quantisation and kernels change the numerics)
+        ref_name, ref = ours[0]
+        for name, system in ours[1:]:
+            same = next((i for i, (a, b) in enumerate(zip(system.tokens, ref.tokens)) if a != b), len(ref.tokens))
+            print(f"{name}: greedy tokens equal to {ref_name}'s for the first {same} of {len(ref.tokens)}")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; command: "
           f"{' '.join([Path(sys.executable).name, *sys.argv])}")
 
