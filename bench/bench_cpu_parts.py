@@ -7,7 +7,9 @@
    attn_decode_f16 over the fp16 mirror (bluelm_v/cpu_layer_ops.py; keys in transposed blocks
    of 16), random cache of ``--keys`` keys;
 2. the prefill GEMMs of one 128-row chunk: oneDNN's linear in fp32 against bf16 (what
-   quantizer kernel=cpu_bf16 runs after dequantising to bf16).
+   quantizer kernel=cpu_bf16 / cpu_lowp runs after dequantising to bf16);
+3. the INT4 (g64) decode GEMVs of all layers for one token: fp32 activations (int4_gemm_small,
+   kernel=auto) against int8-rounded ones with integer dot products (int4_gemv_q8, cpu_lowp).
 Each figure is the best of ``--repeats`` timed loops; the machine is shared, so compare the
 rows of one run.
 """
@@ -73,6 +75,33 @@ def main() -> None:
         f32 = best_us(lambda: linear(x, w, None, "none", [], ""), args.repeats)
         b16 = best_us(lambda: linear(xb, wb, None, "none", [], ""), args.repeats)
         print(f"| {kk} -> {n} | {f32:.0f} | {b16:.0f} | {2 * 128 * kk * n / b16 / 1e3:.0f} |")
+
+    import torch.nn as nn
+
+    from bluelm_v.quant import cpu_kernels
+    from bluelm_v.quant.linear import Int4Linear
+
+    qlib, q8 = cpu_kernels.library(), cpu_kernels.q8_gemv()
+    if q8 is None:
+        print("\n(no INT4 int8-activation kernel in this build: AVX-512 VNNI needed)")
+        return
+    print(f"\n## INT4 g64 decode GEMVs, {layers} layers (ms a token)")
+    print("| activations | ms |\n|---|---:|")
+    mats = [Int4Linear.from_linear(nn.Linear(kk, n, bias=False), group_size=64)
+            for kk, n in ((576, 960), (576, 576), (576, 3072), (1536, 576))]
+    xs = [torch.randn(m.in_features) for m in mats]
+    ys = [torch.empty(m.out_features) for m in mats]
+
+    def gemvs(int8_act: bool):
+        for m, x, y in zip(mats, xs, ys):
+            q, s_, z = m.qweight.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr()
+            if int8_act:
+                q8(x.data_ptr(), m.in_features, q, s_, z, None, m.out_features, 64, y.data_ptr(), args.threads)
+            else:
+                qlib.int4_gemm_small(x.data_ptr(), 1, m.in_features, q, s_, z, None, m.out_features, 64,
+                                     y.data_ptr(), args.threads)
+    for label, int8_act in (("fp32 (int4_gemm_small)", False), ("int8-rounded (int4_gemv_q8)", True)):
+        print(f"| {label} | {best_us(lambda: gemvs(int8_act), args.repeats, 50) * layers / 1e3:.2f} |")
 
 
 if __name__ == "__main__":
