@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bluelm_v import cpu_layer_ops
+from bluelm_v.quant import cpu_kernels
 
 lib = cpu_layer_ops.library()
 needs_lib = pytest.mark.skipif(lib is None, reason="no C compiler for the CPU layer helpers")
@@ -110,7 +111,7 @@ def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
 @needs_lib
 @pytest.mark.parametrize("quantizer", [dict(name="w4", group_size=32), dict(name="w8"),
                                        dict(name="w4", group_size=32, kernel="cpu_lowp")])
-def test_quantised_projections_are_fused_into_views_and_decode_like_transformers(quantizer):
+def test_quantised_projections_are_fused_into_views_and_decode_like_transformers(quantizer, monkeypatch):
     from bluelm_v.engines import HFEngine
     from bluelm_v.fast_llama import FastLlamaEngine
     from bluelm_v.plugin_manager import get
@@ -128,8 +129,14 @@ def test_quantised_projections_are_fused_into_views_and_decode_like_transformers
     base = fused_qkv.qweight.data_ptr()             # the originals are views of the fused codes
     assert attn.q_proj.qweight.data_ptr() == base
     assert attn.k_proj.qweight.untyped_storage().data_ptr() == fused_qkv.qweight.untyped_storage().data_ptr()
+    calls, lowp = [], quantizer.get("kernel") == "cpu_lowp" and cpu_kernels.q8_gemv() is not None
+    if lowp:
+        q8 = cpu_kernels.q8_gemv()
+        monkeypatch.setattr(cpu_kernels, "_VNNI", [cpu_kernels.library(), lambda *a: calls.append(1) or q8(*a)])
     logits, toks = _run(fast, emb, 16, 6)
     assert len(fast._cpu._direct) == len(model.model.layers)   # decode took the direct C calls
+    if lowp:
+        assert len(calls) >= 6 * 2 * len(model.model.layers)   # int8-activation GEMVs: qkv and gate|up, every step
     torch.testing.assert_close(logits, hf_logits, rtol=1e-3, atol=1e-3)
     assert toks == hf_toks
 

@@ -118,12 +118,21 @@ def test_bf16_prefill_kernel_is_a_bf16_gemm_and_leaves_decode_in_fp32(cls, kw):
     assert rel(q(x4), F.linear(x4, w, lin.bias)) < 1e-5
 
 
-@pytest.mark.skipif(cpu_kernels.q8_gemv() is None, reason="needs the C kernels with AVX-512 VNNI")
-@pytest.mark.parametrize("group", [32, 64])
-def test_lowp_kernel_decodes_on_int8_rounded_activations(group):
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None or not _cpu_has("avx512_vnni"),
+                    reason="needs the C kernels on a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("group,symmetric", [(32, False), (64, False), (128, True)])
+def test_lowp_kernel_decodes_on_int8_rounded_activations(group, symmetric):
+    assert cpu_kernels.q8_gemv() is not None        # this CPU has VNNI: the kernel must be built
     torch.manual_seed(1)
     lin = nn.Linear(256, 77)
-    q = Int4Linear.from_linear(lin, group_size=group, kernel="cpu_lowp")
+    q = Int4Linear.from_linear(lin, group_size=group, symmetric=symmetric, kernel="cpu_lowp")
     w = q.dequantize()
     x = torch.randn(1, 256)
     xg = x.view(-1, group)                                               # x rounded to int8 per weight group
@@ -134,6 +143,7 @@ def test_lowp_kernel_decodes_on_int8_rounded_activations(group):
     assert 1e-4 < rel(got, F.linear(x, w, lin.bias)) < 2e-2              # and not the fp32 result
     x4 = torch.randn(4, 256)                                             # more rows: the fp32 kernel
     assert rel(q(x4), F.linear(x4, w, lin.bias)) < 1e-5
+    torch.testing.assert_close(q(torch.zeros(1, 256)), lin.bias[None].detach())   # all-zero input: the bias
 
 
 def test_fallback_without_c_compiler(monkeypatch):

@@ -395,9 +395,19 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _cpu_flags() -> str:
+    """This CPU's feature flags (Linux), so that a shared cache never hands -march=native code
+    built on another CPU (e.g. with VNNI) to this one."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _build(cc: str, source: str = C_SOURCE, stem: str = "bluelm_v_quant", libs: tuple = ()) -> Path:
-    """Compile ``source`` once per (source, compiler, flags) into the cache; the .so path."""
-    key = hashlib.sha256((source + cc + " ".join(FLAGS + LINK_FLAGS + list(libs))).encode()).hexdigest()[:16]
+    """Compile ``source`` once per (source, compiler, flags, CPU) into the cache; the .so path."""
+    key = hashlib.sha256((source + cc + " ".join(FLAGS + LINK_FLAGS + list(libs)) + _cpu_flags()).encode()
+                         ).hexdigest()[:16]
     target = cache_dir() / f"{stem}_{key}.so"
     if target.exists():
         return target
@@ -447,8 +457,8 @@ _VNNI: list = []
 
 
 def q8_gemv():
-    """lib.int4_gemv_q8 where the library has it (AVX-512 VNNI), else None (cached)."""
-    if not _VNNI:
-        lib = library()
-        _VNNI.append(lib.int4_gemv_q8 if lib is not None and lib.has_vnni() == 1 else None)
-    return _VNNI[0]
+    """lib.int4_gemv_q8 where the library has it (AVX-512 VNNI), else None (cached per library)."""
+    lib = library()
+    if not _VNNI or _VNNI[0] is not lib:
+        _VNNI[:] = [lib, lib.int4_gemv_q8 if lib is not None and lib.has_vnni() == 1 else None]
+    return _VNNI[1]

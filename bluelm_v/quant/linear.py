@@ -14,8 +14,8 @@ to int8 per weight group with integer dot products (cpu_kernels.int4_gemv_q8, AV
 Q4 x Q8 scheme, ~0.5% relative error on a layer's output.
 ``kernel="cpu_bf16"``: the same, but a W of <= 8 MB (fp32) is dequantised to bf16 and multiplied
 by bf16-rounded activations (oneDNN's bf16 GEMM, fp32 accumulation, bf16-rounded outputs: ~2x the
-fp32 rate on AVX512-BF16; llama.cpp's Q4 prefill rounds activations to 8 bits); decode stays on the
-fp32 fused kernel.
+fp32 rate on AVX512-BF16 / AMX, slower than fp32 on CPUs without native bf16; llama.cpp's Q4 prefill
+rounds activations to 8 bits); decode stays on the fp32 fused kernel.
   CPU without a C compiler             dequant: torch dequantise (tiled) -> F.linear
   CUDA, INT4                           torch's tinygemm (_weight_int4pack_mm, bf16 activations,
                                        a re-laid-out copy of the codes), dequant if it refuses
