@@ -77,10 +77,10 @@ def direct_matvec(mod):
     """For a bias-free INT4/INT8 linear on the C kernels: f(x_ptr, y_ptr, add_ptr, threads) computing
     y[N] = x[K] @ W.T + add[N] (add may be y itself: an in-place residual), else None."""
     from .quant import cpu_kernels
-    from .quant.linear import Int4Linear, Int8Linear
+    from .quant.linear import FUSED_DECODE, Int4Linear, Int8Linear
 
     qlib = cpu_kernels.library()
-    if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in ("auto", "cpu_fused", "cpu_bf16", "cpu_lowp") or \
+    if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in FUSED_DECODE or \
             mod.act_dtype != "fp32" or _hooked(mod) or not mod._fused_ok or mod.bias is not None or \
             mod.qweight.device.type != "cpu":
         return None
@@ -88,7 +88,7 @@ def direct_matvec(mod):
     if type(mod) is Int4Linear:
         s, g = mod.scales.data_ptr(), mod.group_size
         z = None if mod.zeros is None else mod.zeros.data_ptr()
-        q8 = cpu_kernels.q8_gemv() if mod.kernel == "cpu_lowp" else None
+        q8 = mod._q8(1)
         if q8 is not None:                       # int8-rounded activations, integer dot products
             return lambda xp, yp, ap, nt: q8(xp, k, q, s, z, ap, n, g, yp, nt)
         f4 = qlib.int4_gemm_small
@@ -137,7 +137,7 @@ class CpuPath:
                                 norms[1].weight, norms[1].variance_epsilon, gu, m.down_proj))
         self._scratch = torch.empty(0)
         self._direct = None               # per layer: direct decode calls, or [] / None
-        self.half_kv = getattr(eng, "cpu_half_kv", True) and self.lib is not None and self.lib.has_fast_f16() == 1
+        self.half_kv = eng.cpu_half_kv and self.lib is not None and self.lib.has_fast_f16() == 1
         self._half, self._synced = None, 0   # fp16 mirror of the cache for decode; rows mirrored
 
     def _decode_kv(self, start: int):

@@ -9,8 +9,8 @@ Paths (bench/bench_quant_kernels.py times all of them; linear.py picks per devic
   compiled         torch.compile'd dequantise + matmul (inductor fuses the unpacking)
   cpu_fused        cpu_kernels.int{4,8}_gemm_small: fused unpack + FMA over the packed weight (C)
   cpu_tiled        cpu_kernels.int{4,8}_dequant of the whole W (<= TILE_BYTES in fp32) + one GEMM
-                   (the module kernel "cpu_bf16": that W in bf16 and a bf16 GEMM)
                    (cpu_layer_ops.linear: oneDNN, else MKL), or of TILE_ROWS rows at a time + MKL
+                   (the module kernels "cpu_bf16" / "cpu_lowp": the whole W in bf16, a bf16 GEMM)
   ort, ort_int8act ONNX Runtime MatMulNBits (CPU), fp32 compute / int8 activations (accuracy 4)
 """
 from __future__ import annotations
@@ -179,10 +179,9 @@ def _tiled(dequant_rows, x, n: int, bias, bf16: bool = False) -> torch.Tensor:
     """y = x @ W.T. A W of at most TILE_BYTES in fp32 is dequantised whole and multiplied in one
     GEMM (cpu_layer_ops.linear: oneDNN, else MKL; bf16: W dequantised straight to bf16 and x
     rounded to bf16 for oneDNN's bf16 GEMM: fp32 accumulation, the result rounded to bf16 and
-    returned as fp32); a larger one TILE_ROWS
-    output rows at a time into one reused fp32 buffer, so no full fp32 copy of it ever exists (a
-    122753 x 2304 lm_head would be 1.1 GB; the memory job's 2.2 GB budget has no room for
-    bigger tiles)."""
+    returned as fp32); a larger one TILE_ROWS output rows at a time into one reused fp32 buffer,
+    so no full fp32 copy of it ever exists (a 122753 x 2304 lm_head would be 1.1 GB; the memory
+    job's 2.2 GB budget has no room for bigger tiles)."""
     x = x.float()
     m, k = x.shape
     if n * k * 4 <= TILE_BYTES:

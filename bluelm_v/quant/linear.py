@@ -9,17 +9,17 @@
 Kernel per device and batch (``kernel="auto"``; measured in bench/bench_quant_kernels.py):
   CPU, rows M <= FUSED_MAX_M (decode)  cpu_fused: C unpack+FMA over the packed weight
   CPU, larger M (prefill, encoder)     cpu_tiled: C dequantise 256 rows -> MKL GEMM, buffer reused
-``kernel="cpu_lowp"``: cpu_bf16's prefill and, for INT4 layers, decode (one row) on activations rounded
-to int8 per weight group with integer dot products (cpu_kernels.int4_gemv_q8, AVX-512 VNNI): llama.cpp's
-Q4 x Q8 scheme, ~0.5% relative error on a layer's output.
-``kernel="cpu_bf16"``: the same, but a W of <= 8 MB (fp32) is dequantised to bf16 and multiplied
-by bf16-rounded activations (oneDNN's bf16 GEMM, fp32 accumulation, bf16-rounded outputs: ~2x the
-fp32 rate on AVX512-BF16 / AMX, slower than fp32 on CPUs without native bf16; llama.cpp's Q4 prefill
-rounds activations to 8 bits); decode stays on the fp32 fused kernel.
   CPU without a C compiler             dequant: torch dequantise (tiled) -> F.linear
   CUDA, INT4                           torch's tinygemm (_weight_int4pack_mm, bf16 activations,
                                        a re-laid-out copy of the codes), dequant if it refuses
   CUDA INT8 / other devices            dequant in the activation dtype -> F.linear
+``kernel="cpu_bf16"``: as auto, but a W of <= 8 MB (fp32) is dequantised to bf16 and multiplied
+by bf16-rounded activations (oneDNN's bf16 GEMM, fp32 accumulation, bf16-rounded outputs: ~2x the
+fp32 rate on AVX512-BF16 / AMX, slower than fp32 on CPUs without native bf16; llama.cpp's Q4 prefill
+rounds activations to 8 bits); decode stays on the fp32 fused kernel.
+``kernel="cpu_lowp"``: cpu_bf16's prefill and, for INT4 layers, decode (one row) on activations rounded
+to int8 per weight group with integer dot products (cpu_kernels.int4_gemv_q8, AVX-512 VNNI): llama.cpp's
+Q4 x Q8 scheme, ~0.5% relative error on a layer's output.
 Activations are computed in fp32 on CPU; ``act_dtype="fp16"`` rounds the layer input to fp16 first,
 ACT_CHUNK rows at a time
 (the paper's FP16 ViT activations, simulated). Inference only: no gradients flow to the codes.
@@ -35,6 +35,7 @@ from . import cpu_kernels, kernels, packing
 FUSED_MAX_M = 16
 CPU_KERNELS = ("auto", "cpu_fused", "cpu_tiled", "cpu_bf16", "cpu_lowp")     # the C kernels' module kernels
 BF16_PREFILL = ("cpu_bf16", "cpu_lowp")
+FUSED_DECODE = ("auto", "cpu_fused") + BF16_PREFILL    # at most FUSED_MAX_M rows: the fused C kernel
 ACT_CHUNK = 1024      # rows rounded to act_dtype at a time (caps the transient copies of x)
 ACT_DTYPES = ("fp32", "fp16", "bf16")
 _ACT = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -71,7 +72,7 @@ class QuantLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.dtype is torch.float32 and x.device.type == "cpu" and self.act_dtype == "fp32" \
-                and self.kernel in ("auto", "cpu_fused") + BF16_PREFILL and x.numel() <= FUSED_MAX_M * self.in_features:
+                and self.kernel in FUSED_DECODE and x.numel() <= FUSED_MAX_M * self.in_features:
             lib = cpu_kernels.library()       # decode: straight to the C kernel, few Python steps
             if lib is not None and self._fused_ok:
                 x2 = x.reshape(-1, self.in_features)
@@ -104,7 +105,7 @@ class QuantLinearBase(nn.Module):
         if x.device.type == "cpu" and self.kernel in CPU_KERNELS:
             lib = cpu_kernels.library()
             if lib is not None:
-                fused = self.kernel == "cpu_fused" or (self.kernel in ("auto",) + BF16_PREFILL and x.shape[0] <= FUSED_MAX_M)
+                fused = self.kernel == "cpu_fused" or (self.kernel in FUSED_DECODE and x.shape[0] <= FUSED_MAX_M)
                 return self._cpu_fused(lib, x) if fused else self._cpu_tiled(lib, x, self.kernel in BF16_PREFILL)
         if self.kernel not in ("auto", "dequant") + CPU_KERNELS:
             fn = self._device_kernels.get(x.device)
@@ -225,9 +226,13 @@ class Int4Linear(QuantLinearBase):
     def _fused_ok(self) -> bool:
         return self.group_size <= cpu_kernels.MAX_GROUP
 
+    def _q8(self, rows: int):
+        """The int8-activation GEMV for a one-row input with kernel cpu_lowp (where built), else None."""
+        return cpu_kernels.q8_gemv() if self.kernel == "cpu_lowp" and rows == 1 else None
+
     def _fused_into(self, lib, x, y):
         q, s, z, b = self._pointers(("qweight", "scales", "zeros"))
-        q8 = cpu_kernels.q8_gemv() if self.kernel == "cpu_lowp" and x.shape[0] == 1 else None
+        q8 = self._q8(x.shape[0])
         if q8 is not None:
             return q8(x.data_ptr(), self.in_features, q, s, z, b, self.out_features, self.group_size, y.data_ptr(),
                       torch.get_num_threads())
@@ -237,7 +242,7 @@ class Int4Linear(QuantLinearBase):
     def _cpu_fused(self, lib, x):
         if self.group_size > cpu_kernels.MAX_GROUP:
             return self._dequant_matmul(x)
-        if self.kernel == "cpu_lowp" and x.shape[0] == 1 and cpu_kernels.q8_gemv() is not None:
+        if self._q8(x.shape[0]) is not None:
             y = torch.empty((1, self.out_features))
             self._fused_into(lib, x.detach().float().contiguous(), y)
             return y
