@@ -273,8 +273,8 @@ def bench_triton(torch, model, emb, n_prompt, n_new, limit, sync, rows):
         rows.append(("triton kernel (all layers)", f"{site}: {best_cfg}", best * 1e6, "us", float("nan")))
     rows.append(("triton kernel (all layers)", "sum of the sites (excl. embed/argmax)", total * 1e6, "us",
                  float("nan")))
-    for cfg, sec in eng.step_tuning:
-        rows.append(("triton step (tuning)", f"whole step with attn {cfg}", sec * 1e6, "us", float("nan")))
+    for site, cfg, sec in eng.step_tuning:
+        rows.append(("triton step (tuning)", f"whole step with {site} {cfg}", sec * 1e6, "us", float("nan")))
     out = os.environ.get("OUT")
     if out:
         Path(out, "triton_tuning.txt").write_text("\n".join(lines) + "\n")

@@ -23,9 +23,9 @@ token, writes it to the token buffer and the history (``_hist[pos]``) and advanc
 On Hopper every kernel is launched with programmatic dependent launch (``pdl``): it starts while
 the previous one drains and reads its first ``pre`` weight tiles before waiting; GEMVs then keep
 ``depth`` weight tiles and the next input tile in flight (``prefetch``). Block shapes, ``pre``
-and ``depth`` are chosen per call site at ``prepare()`` by timing candidates over all layers,
-each in a CUDA graph; the attention merge (in-kernel or a kernel) by timing the whole step
-(``configs=`` fixes them; ``eng.tuning`` / ``eng.step_tuning`` hold what was measured).
+and ``depth`` are chosen at ``prepare()``: candidates timed per call site over all layers, each
+in a CUDA graph, then the best few of each site (the attention merge among them) timed as the
+whole step (``configs=`` fixes them; ``eng.tuning`` / ``eng.step_tuning`` hold what was measured).
 Without CUDA the kernels run under TRITON_INTERPRET=1 (slow; tests).
 """
 from __future__ import annotations
@@ -107,6 +107,7 @@ def gemv_candidates(n: int, k: int, split_k: tuple[int, ...] = (1,), tiles=WIDE_
 
 
 SLOTS = ("qkv", "attn", "o", "gu", "down")      # a layer's call sites in order
+STEP_CANDIDATES, STEP_REPLAYS = 3, 7            # per site, re-timed on the whole step (_refine_on_step)
 DEFAULTS = {"qkv": GemvConfig(8, 256), "gu": GemvConfig(4, 512), "o": GemvConfig(8, 128, 3),
             "down": GemvConfig(8, 128, 5), "lm": GemvConfig(8, 256), "attn": AttnConfig(64)}
 
@@ -152,7 +153,7 @@ class TritonDecodeEngine(FastLlamaEngine):
         self.pdl = pdl and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
         self.prefetch = prefetch
         self.tuning: dict[str, list[tuple[object, float]]] = {}
-        self.step_tuning: list[tuple[AttnConfig, float]] = []     # whole-step seconds (_pick_merge)
+        self.step_tuning: list[tuple[str, object, float]] = []    # whole-step seconds (_refine_on_step)
         self.debug_logits = debug_logits
         self._bufs_key = None
         self._tuned = False
@@ -269,8 +270,9 @@ class TritonDecodeEngine(FastLlamaEngine):
                 self._site(site, i, cfg, pos)
         return self._time_graph(run)
 
-    def _time_graph(self, run, reset=None) -> float:
-        """Seconds for run() replayed as one CUDA graph, median of 5 (reset() untimed before each)."""
+    def _time_graph(self, run, reset=None, replays: int = 5) -> float:
+        """Seconds for run() replayed as one CUDA graph, median of ``replays`` (reset() untimed
+        before each)."""
         if reset:
             reset()
         run()                                         # compile + warm up
@@ -279,7 +281,7 @@ class TritonDecodeEngine(FastLlamaEngine):
         with torch.cuda.graph(graph):
             run()
         times = []
-        for _ in range(5):
+        for _ in range(replays):
             if reset:
                 reset()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -289,7 +291,7 @@ class TritonDecodeEngine(FastLlamaEngine):
             e1.synchronize()
             times.append(e0.elapsed_time(e1) / 1e3)
         del graph
-        return sorted(times)[2]
+        return sorted(times)[len(times) // 2]
 
     def autotune(self) -> dict[str, list[tuple[object, float]]]:
         """Time the candidates of every call site (cache rows near the end attended, as at the
@@ -346,32 +348,43 @@ class TritonDecodeEngine(FastLlamaEngine):
                 torch.nn.init.normal_(self._attn_out)
             self.tuning[site] = results
         state = [t.clone() for t in (self._tok, self._pos, self._hist)]
-        self._pick_merge(pos)                       # whole steps: they move the token and position
+        self._refine_on_step(pos)                   # whole steps: they move the token and position
         self._tok.copy_(state[0]), self._pos.copy_(state[1]), self._hist.copy_(state[2])
         self.cache.k[:, :, -2], self.cache.v[:, :, -2] = saved
         return self.tuning
 
-    def _pick_merge(self, pos) -> None:
-        """In-kernel merge or a merge kernel: the choice shows only in the whole step (a serial
-        tail in attention against a kernel boundary), so the best attention config of each kind
-        is timed as the full decode step (cache row pos rewritten each replay) -> step_tuning."""
-        results = self.tuning.get("attn", [])
-        finalists = [min(group, key=lambda r: r[1])[0] for group in
-                     ([r for r in results if r[0].fused_merge == f and r[1] < float("inf")] for f in (True, False))
-                     if group]
-        if "attn" in self.fixed or len(finalists) < 2:
-            return
-
+    def _refine_on_step(self, pos) -> None:
+        """Per-site timings mislead: in the step a kernel overlaps its neighbours (early start,
+        shared SMs) and the merge's cost moves between attention and a kernel boundary. So the
+        best few candidates of each site (attention: two of each merge) are timed as the whole
+        decode step (cache row pos rewritten each replay), one site at a time with the others
+        at their best so far, and the fastest step's kept -> step_tuning [(site, config, s)]."""
         def reset():
             self._pos.copy_(pos)
             self._tok.zero_()
+
+        def step_time() -> float:
+            return self._time_graph(self._static_step, reset, replays=STEP_REPLAYS)
         self.step_tuning = []
-        for c in finalists:
-            self.configs["attn"] = c
-            self._ensure_buffers()
-            self.step_tuning.append((c, self._time_graph(self._static_step, reset)))
-        self.configs["attn"] = min(self.step_tuning, key=lambda r: r[1])[0]
-        self._ensure_buffers()
+        for site, results in self.tuning.items():
+            if site in self.fixed:
+                continue
+            ranked = [c for c, t in sorted(results, key=lambda r: r[1]) if t < float("inf")]
+            if site == "attn":
+                ranked = [c for m in (True, False) for c in [c for c in ranked if c.fused_merge == m][:2]]
+            else:
+                ranked = ranked[:STEP_CANDIDATES]
+            timed = []
+            for c in ranked:
+                self.configs[site] = c
+                if site == "attn":
+                    self._ensure_buffers()
+                timed.append((c, step_time()))
+                self.step_tuning.append((site, c, timed[-1][1]))
+            if timed:
+                self.configs[site] = min(timed, key=lambda r: r[1])[0]
+                if site == "attn":
+                    self._ensure_buffers()
 
     def prepare(self) -> None:
         if self.triton_ok and self.tune and not self._tuned and self.cache is not None:

@@ -331,7 +331,7 @@ class FastLlamaEngine:
         self._pos.copy_(saved_pos)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
-            self._graph_out = self._static_step()
+            self._static_step()
         self._graph = graph
 
     def prepare(self) -> None:
@@ -351,36 +351,32 @@ class FastLlamaEngine:
         the tokens read once at the end; otherwise n calls of ``step``."""
         if not self.use_graph or n <= 1:
             return one_at_a_time(self.step, token, n)
+        start = self._static_steps(token, n)
+        return self._hist[start:start + n].tolist()
+
+    def _static_steps(self, token: int, n: int) -> int:
+        """n fixed-shape steps from ``token`` (graph replays where captured), their tokens in
+        ``_hist`` -> the position of the first."""
         if self.length + n > self.cache.max_len:
             raise ValueError(f"KV cache of {self.cache.max_len} positions is full "
                              f"({self.length} used, {n} more asked for)")
-        self.prepare()                                  # before the inputs are set: it may replay
+        if self.use_graph:
+            self.prepare()                              # before the inputs are set: it may replay
         start = self.length
         self._tok.fill_(token)
         self._pos.fill_(start)
         for _ in range(n):
-            self._graph.replay()
-        self.length += n
-        self.cache.length = self.length
-        return self._hist[start:start + n].tolist()
+            if self.use_graph:
+                self._graph.replay()
+            else:
+                self._static_step()
+        self.length = self.cache.length = start + n
+        return start
 
     @torch.no_grad()
     def step(self, token: int) -> int:
-        if self.length >= self.cache.max_len:
-            raise ValueError(f"KV cache of {self.cache.max_len} positions is full")
         if self.static_step:
-            if self.use_graph:
-                self.prepare()                          # before the inputs are set: it may replay
-            self._tok.fill_(token)
-            self._pos.fill_(self.length)
-            if self.use_graph:
-                self._graph.replay()
-                nxt = self._graph_out
-            else:
-                nxt = self._static_step()
-            self.length += 1
-            self.cache.length = self.length
-            return int(nxt.item())
+            return int(self._hist[self._static_steps(token, 1)].item())
         emb = self.base.embed_tokens(torch.tensor([[token]], device=self.device))   # [1,1,D]
         self.last_logits = self.forward(emb, decode=True)
         return int(self.last_logits.argmax())

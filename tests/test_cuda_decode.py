@@ -70,7 +70,7 @@ def test_triton_step_matches_torch_path(configs):
     model = llms.hf_causal(preset="tiny", dtype="float32", device=device, tokenizer="byte").model.eval()
     emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 21), device=device))   # [1,21,64]
     ref = FastLlamaEngine(model, cuda_graph=False, static_step=False)
-    eng = TritonDecodeEngine(model, cuda_graph=False, debug_logits=True, tune=False, prefetch=False,
+    eng = TritonDecodeEngine(model, cuda_graph=False, debug_logits=True, tune=False,
                              configs=configs)
     assert eng.triton_ok
     ref.begin(40)
