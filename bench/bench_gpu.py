@@ -267,7 +267,7 @@ def bench_triton(torch, model, emb, n_prompt, n_new, limit, sync, rows):
             lines.append(f"{site}\t{sec * 1e6:.1f} us\t{cfg}")
     total = 0.0
     for site, results in eng.tuning.items():
-        best_cfg = eng.configs[site]                  # attn: chosen on the whole step (step_tuning)
+        best_cfg = eng.configs[site]                  # chosen on the whole step (step_tuning)
         best = dict(results)[best_cfg]
         total += best
         rows.append(("triton kernel (all layers)", f"{site}: {best_cfg}", best * 1e6, "us", float("nan")))

@@ -314,11 +314,25 @@ class TritonDecodeEngine(FastLlamaEngine):
             "lm": [c for c in gemv_candidates(self.model.lm_head.weight.shape[0], big) if c.block_n >= 8],
         }
         k_of = {"qkv": big, "gu": big, "o": self.n_heads * d, "down": inter, "lm": big}
+        state = [t.clone() for t in (self._tok, self._pos, self._hist)]
+        debug, self.debug_logits = self.debug_logits, False      # time the step decoding runs
+        try:
+            self._search_sites(candidates, k_of, pos)
+            self._refine_on_step(pos)               # whole steps: they move the token and position
+        finally:
+            self.debug_logits = debug
+            self._tok.copy_(state[0]), self._pos.copy_(state[1]), self._hist.copy_(state[2])
+            self.cache.k[:, :, -2], self.cache.v[:, :, -2] = saved
+        return self.tuning
+
+    def _search_sites(self, candidates: dict, k_of: dict, pos) -> None:
+        """Per call site, its candidates timed over all layers (within tune_budget_s), then more
+        tiles before the wait for the best 2 shapes -> configs (the fastest), tuning."""
         deadline = time.perf_counter() + self.tune_budget_s
         for site, cands in candidates.items():
             if site in self.fixed:
                 continue
-            results = []
+            results, before = [], self.configs[site]
 
             def measure(c):
                 try:
@@ -341,30 +355,33 @@ class TritonDecodeEngine(FastLlamaEngine):
                         if deeper.head_k(k_of[site]) == pre * c.block_k and deeper != c \
                                 and time.perf_counter() < deadline:
                             measure(deeper)
-            best = min(results, key=lambda r: r[1])[0]
+            best, sec = min(results, key=lambda r: r[1])
+            if sec == float("inf"):
+                best = before
+                print(f"[cuda_decode] {site}: no candidate ran; keeping {before}")
             self.configs[site] = best
             if site == "attn":
                 self._ensure_buffers()
                 torch.nn.init.normal_(self._attn_out)
             self.tuning[site] = results
-        state = [t.clone() for t in (self._tok, self._pos, self._hist)]
-        self._refine_on_step(pos)                   # whole steps: they move the token and position
-        self._tok.copy_(state[0]), self._pos.copy_(state[1]), self._hist.copy_(state[2])
-        self.cache.k[:, :, -2], self.cache.v[:, :, -2] = saved
-        return self.tuning
 
     def _refine_on_step(self, pos) -> None:
         """Per-site timings mislead: in the step a kernel overlaps its neighbours (early start,
         shared SMs) and the merge's cost moves between attention and a kernel boundary. So the
         best few candidates of each site (attention: two of each merge) are timed as the whole
         decode step (cache row pos rewritten each replay), one site at a time with the others
-        at their best so far, and the fastest step's kept -> step_tuning [(site, config, s)]."""
+        at their best so far, and the fastest step's kept -> step_tuning [(site, config, s)].
+        About 20 whole steps: not counted in tune_budget_s (the per-site search)."""
         def reset():
             self._pos.copy_(pos)
             self._tok.zero_()
 
-        def step_time() -> float:
-            return self._time_graph(self._static_step, reset, replays=STEP_REPLAYS)
+        def step_time(site, c) -> float:
+            try:
+                return self._time_graph(self._static_step, reset, replays=STEP_REPLAYS)
+            except Exception as exc:  # noqa: BLE001 -- as in the per-site search: skipped
+                print(f"[cuda_decode] whole step with {site} {c}: {type(exc).__name__}: {str(exc)[:200]}")
+                return float("inf")
         self.step_tuning = []
         for site, results in self.tuning.items():
             if site in self.fixed:
@@ -374,21 +391,21 @@ class TritonDecodeEngine(FastLlamaEngine):
                 ranked = [c for m in (True, False) for c in [c for c in ranked if c.fused_merge == m][:2]]
             else:
                 ranked = ranked[:STEP_CANDIDATES]
-            timed = []
+            timed, before = [], self.configs[site]
             for c in ranked:
                 self.configs[site] = c
                 if site == "attn":
                     self._ensure_buffers()
-                timed.append((c, step_time()))
+                timed.append((c, step_time(site, c)))
                 self.step_tuning.append((site, c, timed[-1][1]))
-            if timed:
-                self.configs[site] = min(timed, key=lambda r: r[1])[0]
-                if site == "attn":
-                    self._ensure_buffers()
+            best, sec = min(timed, key=lambda r: r[1], default=(before, 0.0))
+            self.configs[site] = best if sec < float("inf") else before
+            if site == "attn":
+                self._ensure_buffers()
 
     def prepare(self) -> None:
-        if self.triton_ok and self.tune and not self._tuned and self.cache is not None:
-            self.autotune()
+        if self.triton_ok and self.tune and not self._tuned and type(self.cache) is KVCache:
+            self.autotune()                         # (an INT8 cache: the parent's step, nothing to tune)
             self._tuned = True
             self._graph = None
         super().prepare()

@@ -53,14 +53,15 @@ def _triton_runnable() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("configs", [
-    {"attn": AttnConfig(8), "down": GemvConfig(8, 64, 2)},                      # fused merge, 1 tile early
-    {"attn": AttnConfig(8, fused_merge=False), "qkv": GemvConfig(8, 16, pre=2),  # merge kernel; wide heads
-     "down": GemvConfig(8, 32, 2, pre=4), "lm": GemvConfig(16, 16, pre=8)},
-    {"attn": AttnConfig(16, num_warps=1), "gu": GemvConfig(8, 16, pre=2),       # new row mid-block;
-     "qkv": GemvConfig(8, 16, depth=2), "down": GemvConfig(4, 16, 2, depth=2)}],   # two tiles in flight
-    ids=["fused-merge", "merge-kernel-wide-head", "one-warp-attention"])
-def test_triton_step_matches_torch_path(configs):
+@pytest.mark.parametrize("configs, prefetch", [
+    ({"attn": AttnConfig(8), "down": GemvConfig(8, 64, 2)}, True),               # fused merge, 1 tile early
+    ({"attn": AttnConfig(8, fused_merge=False), "qkv": GemvConfig(8, 16, pre=2),  # merge kernel; wide heads
+      "down": GemvConfig(8, 32, 2, pre=4), "lm": GemvConfig(16, 16, pre=8)}, True),
+    ({"attn": AttnConfig(16, num_warps=1), "gu": GemvConfig(8, 16, pre=2),       # new row mid-block;
+      "qkv": GemvConfig(8, 16, depth=2), "down": GemvConfig(4, 16, 2, depth=2)}, True),   # 2 tiles in flight
+    ({"qkv": GemvConfig(8, 16, depth=2), "down": GemvConfig(4, 16, 2)}, False)],  # one tile at a time
+    ids=["fused-merge", "merge-kernel-wide-head", "one-warp-attention", "no-prefetch"])
+def test_triton_step_matches_torch_path(configs, prefetch):
     from bluelm_v.cuda_decode import TritonDecodeEngine
     from bluelm_v.fast_llama import FastLlamaEngine
     from bluelm_v.plugins import llms
@@ -70,7 +71,7 @@ def test_triton_step_matches_torch_path(configs):
     model = llms.hf_causal(preset="tiny", dtype="float32", device=device, tokenizer="byte").model.eval()
     emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 21), device=device))   # [1,21,64]
     ref = FastLlamaEngine(model, cuda_graph=False, static_step=False)
-    eng = TritonDecodeEngine(model, cuda_graph=False, debug_logits=True, tune=False,
+    eng = TritonDecodeEngine(model, cuda_graph=False, debug_logits=True, tune=False, prefetch=prefetch,
                              configs=configs)
     assert eng.triton_ok
     ref.begin(40)
@@ -114,3 +115,71 @@ def test_graph_steps_give_the_tokens_and_cache_of_eager_steps(engine):
     # capturing, warming up and tuning left the prompt's rows alone: the caches hold the same sequence
     torch.testing.assert_close(many.cache.k[:, :, :27], one.cache.k[:, :, :27], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(many.cache.v[:, :, :27], one.cache.v[:, :, :27], rtol=1e-4, atol=1e-4)
+
+
+def _tiny_engine(**kw):
+    from bluelm_v.cuda_decode import TritonDecodeEngine
+    from bluelm_v.plugins import llms
+
+    torch.manual_seed(0)
+    model = llms.hf_causal(preset="tiny", dtype="float32", device="cpu", tokenizer="byte").model.eval()
+    eng = TritonDecodeEngine(model, cuda_graph=False, tune=False, **kw)
+    eng.begin(40)
+    return eng
+
+
+def test_tuning_keeps_whole_step_winner_fixed_sites_and_state():
+    """autotune's control flow with the timers replaced (no GPU needed): the whole step decides
+    between a site's best few, a fixed site is left alone, a site whose candidates all fail keeps
+    its default, and the token, position, history and the cache row it writes are put back."""
+    from bluelm_v.cuda_decode import DEFAULTS, STEP_REPLAYS
+
+    fixed_o = GemvConfig(8, 64)
+    eng = _tiny_engine(configs={"o": fixed_o}, debug_logits=True)
+    hist = torch.arange(eng._hist.numel())
+    eng._tok.fill_(11), eng._pos.fill_(21), eng._hist.copy_(hist)
+    row_k = eng.cache.k[:, :, -2].clone()
+    order: dict[str, dict] = {}
+
+    def site_time(site, cfg, pos):              # per site: candidates in the order first timed
+        if site == "down":
+            raise RuntimeError("does not build")
+        ranks = order.setdefault(site, {})
+        return 1.0 + ranks.setdefault(cfg, len(ranks))
+    seen_debug = []
+
+    def step_time(run, reset=None, replays=5):  # the whole step: what a real replay disturbs
+        assert replays == STEP_REPLAYS
+        reset()
+        seen_debug.append(eng.debug_logits)
+        eng._tok.fill_(5), eng._hist.fill_(-7)
+        eng.cache.k[:, :, -2] = 99.0
+        second_qkv = next(c for c, i in order["qkv"].items() if i == 1)
+        return 0.5 if eng.configs["qkv"] == second_qkv else 1.0
+    eng._time_site, eng._time_graph = site_time, step_time
+    tuning = eng.autotune()
+
+    assert "o" not in tuning and eng.configs["o"] == fixed_o
+    assert eng.configs["down"] == DEFAULTS["down"] and all(t == float("inf") for _, t in tuning["down"])
+    assert eng.configs["qkv"] == next(c for c, i in order["qkv"].items() if i == 1)     # the step's pick
+    assert eng.configs["gu"] == next(c for c, i in order["gu"].items() if i == 0)       # per site: first
+    sites = [s for s, _, _ in eng.step_tuning]
+    assert sites.count("attn") == 4 and sites.count("qkv") == 3 and "down" not in sites and "o" not in sites
+    assert seen_debug and not any(seen_debug) and eng.debug_logits
+    assert int(eng._tok) == 11 and int(eng._pos) == 21 and torch.equal(eng._hist, hist)
+    torch.testing.assert_close(eng.cache.k[:, :, -2], row_k)
+
+
+def test_int8_cache_is_not_tuned():
+    """An INT8 KV cache runs the parent's step: prepare() must not tune the Triton kernels."""
+    from bluelm_v.quant.kv_static import Int8StaticKVCache
+
+    eng = _tiny_engine()
+    eng.cache = Int8StaticKVCache.allocate(len(eng.layers), eng.n_kv, eng.head_dim, 40, eng.dtype, eng.device)
+    eng.triton_ok, eng.tune = True, True
+
+    def fail():
+        raise AssertionError("autotune ran on an INT8 cache")
+    eng.autotune = fail
+    eng.prepare()
+    assert not eng._tuned
