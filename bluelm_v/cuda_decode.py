@@ -383,9 +383,7 @@ class TritonDecodeEngine(FastLlamaEngine):
                 print(f"[cuda_decode] whole step with {site} {c}: {type(exc).__name__}: {str(exc)[:200]}")
                 return float("inf")
         self.step_tuning = []
-        for site, results in self.tuning.items():
-            if site in self.fixed:
-                continue
+        for site, results in self.tuning.items():           # fixed sites were never tuned
             ranked = [c for c, t in sorted(results, key=lambda r: r[1]) if t < float("inf")]
             if site == "attn":
                 ranked = [c for m in (True, False) for c in [c for c in ranked if c.fused_merge == m][:2]]

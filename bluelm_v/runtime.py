@@ -208,7 +208,7 @@ class Generator:
         made past an end token are dropped."""
         ids, shown, reason = [], "", "length"
         token, pending = first_token, []
-        chunk = max(1, int(getattr(self.engine, "decode_chunk", 1)))
+        chunk = self.engine.decode_chunk
         while True:
             if token in self.eos:
                 reason = "eos"
