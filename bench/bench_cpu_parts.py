@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_cpu_parts.py --keys 4096  # a longer context
 
 1. decode attention over all layers for one token: attn_decode over the fp32 KV cache against
-   attn_decode_f16 over the fp16 mirror (bluelm_v/cpu_layer_ops.py; keys in transposed blocks
+   attn_decode_f16 over the fp16 mirror (bluelm_v/nn/kernels/cpu_layer_ops.py; keys in transposed blocks
    of 16), random cache of ``--keys`` keys;
 2. the prefill GEMMs of one 128-row chunk: oneDNN's linear in fp32 against bf16 (what
    quantizer kernel=cpu_bf16 / cpu_lowp runs after dequantising to bf16);
@@ -78,8 +78,8 @@ def main() -> None:
 
     import torch.nn as nn
 
-    from bluelm_v.quant import cpu_kernels
-    from bluelm_v.quant.linear import Int4Linear
+    from bluelm_v.nn.kernels import cpu_quant as cpu_kernels
+    from bluelm_v.nn.quant_linear import Int4Linear
 
     qlib, q8 = cpu_kernels.library(), cpu_kernels.q8_gemv()
     if q8 is None:

@@ -52,7 +52,7 @@ def load_llm(registry, quantizer: str | None = None, **qkw):
 class Ours:
     def __init__(self, registry, label, quantizer=None, chunk=128, engine_kw=None, **qkw):
         label = f"{label} (chunk {chunk})"
-        from bluelm_v.engines import make_engine
+        from bluelm_v.plugins.engines import make_engine
 
         self.label, self.chunk = label, chunk
         self.llm = load_llm(registry, quantizer, **qkw)

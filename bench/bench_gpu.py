@@ -12,7 +12,7 @@ Rows:
   decode, batch 1 after a 2048-token prompt: transformers generate (static cache, without and
       with its auto-compile) vs our FastLlamaEngine (fused layers, CUDA graph per step, optional
       torch.compile of the layer) vs the limit = measured copy bandwidth / weight bytes, and the
-      floor of the step's matmuls alone; TritonDecodeEngine (bluelm_v/cuda_decode.py: ~5 Triton
+      floor of the step's matmuls alone; TritonDecodeEngine (plugins/engines/triton_step.py: ~5 Triton
       kernels a layer, block sizes tuned at prepare()) with its correctness against the torch
       path (logits, 64 greedy tokens), its per-call-site kernel times and the block-size sweep
 
@@ -99,7 +99,7 @@ def bench_encoder(torch, encoders, args, device, dtype, sync, rows):
 
 
 def bench_decode(torch, llms, args, device, dtype, sync, rows, budget_end):
-    from bluelm_v.engines import FastLlamaEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
 
     preset = "tiny" if args.smoke else "bluelm_3b_proxy"
     t0 = time.perf_counter()
@@ -222,8 +222,8 @@ def run_decode(eng, emb, n_prompt, n_new, sync, logits=False, force=None, per_to
 
 def bench_triton(torch, model, emb, n_prompt, n_new, limit, sync, rows):
     """Triton decode: correctness vs the eager torch path, speed tuned/untuned, kernel times."""
-    from bluelm_v.cuda_decode import DEFAULTS, TritonDecodeEngine
-    from bluelm_v.engines import FastLlamaEngine
+    from bluelm_v.plugins.engines.triton_step import DEFAULTS, TritonDecodeEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
 
     n_check = min(64, n_new)
     ref = FastLlamaEngine(model, cuda_graph=False, static_step=False)

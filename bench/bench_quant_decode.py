@@ -42,8 +42,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     from bluelm_v import plugin_manager
-    from bluelm_v.engines import make_engine
-    from bluelm_v.quant.schemes import weight_bytes
+    from bluelm_v.plugins.engines import make_engine
+    from bluelm_v.plugins.quantizers.schemes import weight_bytes
 
     _, registry, _ = plugin_manager.get()
     print(f"# {args.preset}, torch {torch.__version__}, threads {args.threads}, engine {args.engine}")

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bluelm_v.quant import kernels, packing  # noqa: E402
+from bluelm_v.nn import packing
+from bluelm_v.nn.kernels import quant_matmul as kernels  # noqa: E402
 
 
 STAT = "median"

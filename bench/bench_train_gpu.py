@@ -3,10 +3,10 @@
 so400m encoder + bluelm_3b_proxy LLM (2.72B), random init, bf16, everything trainable with
 SPEC 4's AdamW (ViT layer-wise LR decay 0.9), synthetic unpadded batches: each sample is
 ``--crops`` crops of 384 px (196 visual tokens each after the 2x2 merge) + text up to ``--seq``
-tokens. The step is the train job's: the speed options of ``bluelm_v.training.speed`` (the job's
+tokens. The step is the train job's: the speed options of ``bluelm_v.jobs.train.speed`` (the job's
 ``train.compile`` / ``train.loss_chunk_tokens`` / ``train.sdpa_backend``), the DeepSpeed config
-of ``conf/deepspeed/NAME.yaml`` completed by ``bluelm_v.training.loop.deepspeed_config``, and the
-FLOP count of ``bluelm_v.training.flops`` (MFU = model FLOPs incl. full-square attention / peak;
+of ``conf/deepspeed/NAME.yaml`` completed by ``bluelm_v.jobs.train.loop.deepspeed_config``, and the
+FLOP count of ``bluelm_v.jobs.train.flops`` (MFU = model FLOPs incl. full-square attention / peak;
 peak = dense bf16 of the GPU, H100/H200 SXM 989 TFLOP/s, unless --peak-tflops).
 
 Variant keys (flags of the same name set the defaults; ``--variants "k=v,...;k=v,..."`` gives one
@@ -17,7 +17,7 @@ mb, accum, compile, cmode (compile mode), ce (loss chunk tokens, 0 = transformer
 (sdpa backend), seq, crops, host (1: token ids on the host as in the job, splice planned there
 without device syncs), profile (1: one extra step under torch.profiler -> GPU time by kernel kind,
 GEMM and attention TFLOP/s, GPU idle time by the CPU work it waited on, host syncs per step;
-bluelm_v.training.profiling).
+bluelm_v.jobs.train.profiling).
 
     python bench/bench_train_gpu.py --tiny --steps 2 --warmup 1            # CPU smoke test
     python bench/bench_train_gpu.py --seq 4096 --crops 9 --steps 3 --warmup 2 --variants \\
@@ -79,7 +79,7 @@ def ds_config(args, device) -> dict:
     """conf/deepspeed/<args.ds>.yaml + the variant's overrides, completed as the train job does."""
     import yaml
 
-    from bluelm_v.training.loop import deepspeed_config
+    from bluelm_v.jobs.train.loop import deepspeed_config
 
     ds = yaml.safe_load((REPO / "conf" / "deepspeed" / f"{args.ds}.yaml").read_text())
     zero = ds.setdefault("zero_optimization", {})
@@ -99,10 +99,10 @@ def ds_config(args, device) -> dict:
 def run_engine(kind: str, args, device) -> dict:
     import torch
 
-    from bluelm_v.training.flops import StepFlops, device_peak_flops
-    from bluelm_v.training.optim import build_param_groups
-    from bluelm_v.training.profiling import count_syncs, profile_step
-    from bluelm_v.training.speed import apply_speed_options
+    from bluelm_v.jobs.train.flops import StepFlops, device_peak_flops
+    from bluelm_v.jobs.train.optim import build_param_groups
+    from bluelm_v.jobs.train.profiling import count_syncs, profile_step
+    from bluelm_v.jobs.train.speed import apply_speed_options
 
     model = build(args, device)
     model.train()

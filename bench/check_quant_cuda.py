@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bluelm_v.quant.linear import Int4Linear, Int8Linear  # noqa: E402
+from bluelm_v.nn.quant_linear import Int4Linear, Int8Linear  # noqa: E402
 
 
 def main() -> None:

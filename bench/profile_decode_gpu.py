@@ -3,7 +3,7 @@
     python bench/profile_decode_gpu.py                 # bluelm_3b_proxy bf16, 2048-token prompt
     python bench/profile_decode_gpu.py --smoke         # tiny model: checks the script runs
 
-Tunes and captures the TritonDecodeEngine step (bluelm_v/cuda_decode.py) as bench_gpu.py does,
+Tunes and captures the TritonDecodeEngine step (plugins/engines/triton_step.py) as bench_gpu.py does,
 then records a few graph replays with torch.profiler (CUPTI keeps the kernels' real start/end,
 PDL overlap included). Kernels are named by their place in the step (embed, 5 per layer, lm
 head, argmax). For each call site it prints the mean kernel duration and the mean *marginal*
@@ -33,7 +33,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bluelm_v.cuda_decode import TritonDecodeEngine
+    from bluelm_v.plugins.engines.triton_step import TritonDecodeEngine
 
     _, llms = import_plugins()
     preset = "tiny" if args.smoke else "bluelm_3b_proxy"

@@ -11,6 +11,6 @@ PROJECT = "bluelm_v"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 hookspec = pluggy.HookspecMarker(PROJECT)
 
-FAMILIES = ("tiler", "encoder", "downsampler", "projector", "llm", "quantizer", "backend")
+FAMILIES = ("tiler", "encoder", "downsampler", "projector", "llm", "engine", "quantizer", "backend")
 
 __all__ = ["hookimpl", "hookspec", "FAMILIES", "PROJECT", "__version__"]

@@ -10,28 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
-
-
-def list_jobs() -> list[dict]:
-    """The experiments in conf/experiment with their job and one-line description."""
-    import yaml  # comes with omegaconf
-
-    out = []
-    root = resources.files("bluelm_v.conf") / "experiment"
-    for item in sorted(root.iterdir(), key=lambda p: p.name):
-        if not item.name.endswith(".yaml"):
-            continue
-        data = yaml.safe_load(item.read_text()) or {}
-        job = (data.get("job") or {}).get("name") if isinstance(data.get("job"), dict) else None
-        if job is None:
-            for d in data.get("defaults", []) or []:
-                if isinstance(d, dict):
-                    for k, v in d.items():
-                        if k.strip("/").endswith("job") or k == "override /job":
-                            job = v
-        out.append({"experiment": item.name[:-5], "job": job or "?", "description": data.get("description", "")})
-    return out
 
 
 def _plugins(args) -> int:
@@ -66,6 +44,8 @@ def _describe(args) -> int:
 
 
 def _jobs(args) -> int:
+    from .job import list_jobs
+
     rows = list_jobs()
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import FAMILIES
 from . import plugin_manager as plugins
 from .errors import BlueLMVError, ConfigError
-from .job import JobContext, write_json
+from .job import JobContext, list_jobs, write_json
 
 # Parameters the framework passes to a factory itself (not set in config).
 WIRING = {"downsampler": ("in_dim",), "projector": ("in_dim", "out_dim")}
@@ -36,7 +36,6 @@ def job_module(name: str):
     except ModuleNotFoundError as exc:
         if exc.name != f"bluelm_v.jobs.{name}":
             raise
-        from .cli import list_jobs
         known = ", ".join(sorted({j["job"] for j in list_jobs()}))
         raise ConfigError(f"job.name: no job '{name}'. Jobs: {known}") from None
 

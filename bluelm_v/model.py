@@ -82,15 +82,16 @@ class BlueLMV(torch.nn.Module):
         return self.llm.tokenizer
 
     # -- vision ---------------------------------------------------------------------------
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[K,3,B,B] crops -> [K*T', D] visual tokens in the LLM's embedding dtype."""
+    def encode_images(self, pixels: torch.Tensor, tiles_per_batch: int | None = None,
+                      pipelined: bool | None = None) -> torch.Tensor:
+        """[K,3,B,B] crops -> [K*T', D] visual tokens in the LLM's embedding dtype.
+        ``tiles_per_batch`` / ``pipelined`` go to the encoder's call (None: its configured value)."""
         if pixels.dim() != 4:
             raise InputError(f"images: expected crops [K,3,B,B], got shape {tuple(pixels.shape)}")
-        feats = self.encoder(pixels)                       # [K, T, C]
+        feats = self.encoder(pixels, tiles_per_batch=tiles_per_batch, pipelined=pipelined)   # [K, T, C]
         merged = self.downsampler(feats)                   # [K, T', C']
         proj_dtype = _param_dtype(self.projector, merged.dtype)
         tokens = self.projector(merged.to(proj_dtype))     # [K, T', D]
-        from .engines import model_dtype_device
         return tokens.reshape(-1, tokens.shape[-1]).to(model_dtype_device(self.llm.model)[0])  # [K*T', D]
 
     def image_features(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -137,6 +138,16 @@ class BlueLMV(torch.nn.Module):
         """Parameters per part (training freezes/decays them per part)."""
         return {name: list(getattr(self, name).parameters())
                 for name in ("encoder", "downsampler", "projector", "llm")}
+
+
+def model_dtype_device(hf_model):
+    """(dtype, device) of a causal LM's activations: from its final norm (a quantised embedding
+    has no real weight), else its embedding."""
+    norm = getattr(getattr(hf_model, "model", None), "norm", None)
+    w = getattr(norm, "weight", None)
+    if w is None or w.numel() == 0:
+        w = hf_model.get_input_embeddings().weight
+    return w.dtype, w.device
 
 
 def _host(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib import import_module, metadata
+from importlib import metadata
 from typing import Any, Iterable
 
 import pluggy
@@ -25,15 +25,6 @@ ENTRY_POINT_GROUP = "bluelm_v"
 DISTRIBUTION = "bluelm-v"
 AUTOLOAD_ENV = "BLUELM_V_DISABLE_PLUGIN_AUTOLOAD"
 
-# Used only when bluelm-v runs from a checkout that was never pip-installed (no entry points).
-_BUILTIN_FALLBACK = {
-    "tilers": "bluelm_v.plugins.tilers", "encoders": "bluelm_v.plugins.encoders",
-    "downsamplers": "bluelm_v.plugins.downsamplers", "projectors": "bluelm_v.plugins.projectors",
-    "llms": "bluelm_v.plugins.llms", "quantizers": "bluelm_v.plugins.quantizers",
-    "backends": "bluelm_v.plugins.backends", "loggers": "bluelm_v.plugins.loggers",
-}
-
-
 @dataclass
 class LoadReport:
     loaded: list[tuple[str, str]] = field(default_factory=list)       # (entry point, distribution)
@@ -42,18 +33,12 @@ class LoadReport:
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (entry point, dist, error)
 
 
-class _FallbackEP:
-    def __init__(self, name, value):
-        self.name, self.value, self.dist = name, value, None
-
-    def load(self):
-        return import_module(self.value)
-
-
 def _entry_points() -> list:
+    """Every ``bluelm_v`` entry point: bluelm-v's own built-ins (pyproject.toml) and third parties'."""
     eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
     if not any(ep.dist is not None and ep.dist.name == DISTRIBUTION for ep in eps):
-        eps = [_FallbackEP(n, v) for n, v in _BUILTIN_FALLBACK.items()] + eps
+        raise PluginLoadError("bluelm-v is not installed, so its built-in plugins cannot be found: "
+                              "run `pip install -e .` (or `make install`) in the checkout")
     return eps
 
 

@@ -45,6 +45,7 @@ class Entry:
     provider: Provider
     ranges: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     choices: dict[str, tuple] = field(default_factory=dict)
+    requires: Callable[[], str | None] | None = None   # -> why it cannot run on this machine, or None
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         target = self.factory.__init__ if inspect.isclass(self.factory) else self.factory
@@ -100,9 +101,12 @@ class Registry:
 
     # -- registration -----------------------------------------------------------------------
     def register(self, name: str, factory: Callable[..., Any], description: str = "", *,
-                 ranges: Mapping[str, tuple] | None = None, choices: Mapping[str, tuple] | None = None):
+                 ranges: Mapping[str, tuple] | None = None, choices: Mapping[str, tuple] | None = None,
+                 requires: Callable[[], str | None] | None = None):
         """Add ``factory`` under ``name``. ``ranges`` maps a parameter to (low, high), inclusive,
-        either end None; ``choices`` maps a parameter to its allowed values."""
+        either end None; ``choices`` maps a parameter to its allowed values; ``requires()``
+        returns why the component cannot run on this machine (None: it can), checked with the
+        config before any work starts."""
         if not name or not isinstance(name, str):
             raise ConfigError(f"{self.family}: a component name must be a non-empty string, got {name!r}")
         provider = self._owner.current_provider if self._owner else Provider()
@@ -113,7 +117,8 @@ class Registry:
                 f"Uninstall one of them or block one with plugins.block=[{provider.plugin}]")
         doc = description or (inspect.getdoc(factory) or "").split("\n")[0]
         self._entries[name] = Entry(self.family, name, factory, doc, provider,
-                                    dict(ranges or {}), {k: tuple(v) for k, v in (choices or {}).items()})
+                                    dict(ranges or {}), {k: tuple(v) for k, v in (choices or {}).items()},
+                                    requires)
         return factory
 
     # -- lookup -----------------------------------------------------------------------------
@@ -182,6 +187,9 @@ class Registry:
                    and k not in wiring and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
         if missing:
             raise ConfigError(f"{path}: {self.family} '{name}' needs parameter(s) {', '.join(missing)}")
+        reason = e.requires() if e.requires is not None else None
+        if reason:
+            raise ConfigError(f"{path}: {self.family} '{name}' cannot run on this machine: {reason}")
         return e
 
     def create(self, name: str, *, _path: str | None = None, **params):
@@ -194,7 +202,7 @@ class Registry:
 
 
 class Registries:
-    """All seven families: ``registry.tiler``, ``registry.encoder``, ... (plus any extra family
+    """All eight families: ``registry.tiler``, ``registry.encoder``, ... (plus any extra family
     a plugin adds with :meth:`add_family`)."""
 
     def __init__(self, families=FAMILIES):

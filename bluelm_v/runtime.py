@@ -1,14 +1,15 @@
 """Generation runtime: decoupled image encoding, chunked prefill, KV cache, greedy streaming decode.
 
-    gen = Generator(model, prefill_chunk=128, release_encoder=False)
-    handle = gen.encode_image("photo.jpg")     # starts encoding NOW, in the background
+    gen = Generator(model, engine="auto", prefill_chunk=128)   # engine: a registered name or node
+    handle = gen.encode_image("photo.jpg", tiles_per_batch=4)  # starts encoding NOW, in the background
     res = gen.generate("<image>\nWhat is in the picture?", images=[handle], max_new_tokens=64,
-                       stream=lambda piece: print(piece, end="", flush=True))
+                       stream=lambda piece: print(piece, end="", flush=True), prefill_chunk=256)
     res.text, res.timings["ttft_s"], res.timings["decode_tokens_per_s"]
 
 Lower-level steps (what backends time separately): ``encode_image`` -> ``EncodedImage``,
 ``prompt_ids``, ``embed_prompt`` (splices the visual tokens), ``prefill`` -> logits of the last
-position, ``decode`` -> generated ids. Image paths, prompts and placeholders are checked and
+position, ``decode`` -> generated ids. Per-call settings (``prefill_chunk``, ``tiles_per_batch``,
+``pipelined``) are arguments of those calls; the constructor's values are their defaults. Image paths, prompts and placeholders are checked and
 reported as :class:`bluelm_v.errors.InputError` naming the input.
 """
 from __future__ import annotations
@@ -26,12 +27,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import chat
-from .engines import make_engine
 from .errors import InputError
 
-RUNTIME_DEFAULTS = dict(prefill_chunk=128, release_encoder=False, engine="auto", threads=None,
-                        fuse_projections=True, cuda_graph=True, compile=False, attention="sdpa",
-                        system=None)
+RUNTIME_DEFAULTS = dict(prefill_chunk=128, release_encoder=False, threads=None, system=None)
+
+
+def _check_chunk(chunk: int) -> int:
+    if int(chunk) < 1:
+        raise InputError(f"prefill_chunk: {chunk} tokens; it must be >= 1")
+    return int(chunk)
 
 
 def peak_rss_mb() -> float:
@@ -102,20 +106,22 @@ class GenerationResult:
 class Generator:
     """Batch-1 generation over a :class:`bluelm_v.model.BlueLMV` (see module docstring)."""
 
-    def __init__(self, model, prefill_chunk: int = 128, release_encoder: bool = False,
-                 engine: str = "auto", threads: int | None = None, fuse_projections: bool = True,
-                 cuda_graph: bool = True, compile: bool = False, attention: str = "sdpa",
-                 system: str | None = None):
-        if prefill_chunk < 1:
-            raise ValueError("runtime.prefill_chunk must be >= 1")
+    def __init__(self, model, engine: Any = "auto", registry=None, prefill_chunk: int = 128,
+                 release_encoder: bool = False, threads: int | None = None, system: str | None = None):
+        """``engine``: a registered engine name, a config node ``{name: fast, ...}`` (created
+        through ``registry``, default: the installed plugins) or an engine object."""
+        _check_chunk(prefill_chunk)
         if threads:
             torch.set_num_threads(int(threads))
         self.model = model.eval()
         self.tokenizer = model.llm.tokenizer
         self.prefill_chunk, self.release_after, self.system = int(prefill_chunk), release_encoder, system
-        kw = {} if engine == "hf" else dict(fuse=fuse_projections, cuda_graph=cuda_graph,
-                                            compile=compile, attention=attention)
-        self.engine = make_engine(model.llm.model, engine, **kw)
+        if isinstance(engine, (str, dict)) or hasattr(engine, "_metadata"):
+            if registry is None:
+                from .plugin_manager import get
+                registry = get()[1]
+            engine = registry.create_from_config("engine", engine, "engine", model=model.llm.model)
+        self.engine = engine
         self.eos = model.llm.eos_token_ids
         self.max_context = model.llm.max_context
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="image-encode")
@@ -126,8 +132,10 @@ class Generator:
         self._encoder_device = p.device if p is not None else torch.device("cpu")
 
     # -- images ---------------------------------------------------------------------------
-    def encode_image(self, image: Any, name: str = "image") -> EncodedImage:
-        """Start encoding ``image`` (path, PIL image or crops tensor [K,3,B,B]) in the background."""
+    def encode_image(self, image: Any, name: str = "image", tiles_per_batch: int | None = None,
+                     pipelined: bool | None = None) -> EncodedImage:
+        """Start encoding ``image`` (path, PIL image or crops tensor [K,3,B,B]) in the background,
+        ``tiles_per_batch`` crops per encoder call (None: the encoder's configured value)."""
         if self.encoder_released:
             raise InputError(f"{name}: the encoder was released (runtime.release_encoder=true); "
                              "give every image before generating")
@@ -137,10 +145,11 @@ class Generator:
                 p = Path(image)
                 if not p.is_file() or p.stat().st_size == 0:
                     load_image(image, name)       # raises the precise InputError now
-        return EncodedImage(self._pool.submit(self._encode_now, image, name), name, time.perf_counter())
+        return EncodedImage(self._pool.submit(self._encode_now, image, name, tiles_per_batch, pipelined),
+                            name, time.perf_counter())
 
     @torch.no_grad()
-    def _encode_now(self, image: Any, name: str) -> dict:
+    def _encode_now(self, image: Any, name: str, tiles_per_batch: int | None, pipelined: bool | None) -> dict:
         t0 = time.perf_counter()
         grid = None
         if isinstance(image, torch.Tensor):
@@ -152,7 +161,7 @@ class Generator:
             pixels, grid = crops.pixels, tuple(crops.grid)
         device = self._encoder_device
         with self._lock:
-            feats = self.model.encode_images(pixels.to(device))          # [K*T', D]
+            feats = self.model.encode_images(pixels.to(device), tiles_per_batch, pipelined)   # [K*T', D]
         done = time.perf_counter()
         return {"features": feats, "grid": grid, "crops": int(pixels.shape[0]),
                 "encode_s": done - t0, "done_at": done}
@@ -192,14 +201,16 @@ class Generator:
         return self.model.splice(t, [f.to(device) for f in features]).embeds
 
     # -- LLM ------------------------------------------------------------------------------
-    def prefill(self, embeds: torch.Tensor, max_new_tokens: int = 0) -> torch.Tensor:
-        """Reset the KV cache and consume ``embeds`` [1,L,D] in chunks -> [V] last logits."""
+    def prefill(self, embeds: torch.Tensor, max_new_tokens: int = 0, chunk: int | None = None) -> torch.Tensor:
+        """Reset the KV cache and consume ``embeds`` [1,L,D] in chunks of ``chunk`` tokens
+        (None: the constructor's ``prefill_chunk``) -> [V] last logits."""
+        chunk = self.prefill_chunk if chunk is None else _check_chunk(chunk)
         length = embeds.shape[1]
         if length >= self.max_context:
             raise InputError(f"prompt: {length} tokens (visual tokens included) do not fit the "
                              f"context of {self.max_context} tokens")
         self.engine.begin(min(self.max_context, length + max(1, max_new_tokens)))
-        return self.engine.prefill(embeds, self.prefill_chunk)
+        return self.engine.prefill(embeds, chunk)
 
     def decode(self, first_token: int, max_new_tokens: int,
                stream: Callable[[str], Any] | None = None) -> tuple[list[int], str, str]:
@@ -239,10 +250,12 @@ class Generator:
 
     # -- everything ------------------------------------------------------------------------
     def generate(self, prompt: str | list, images: Sequence[Any] = (), max_new_tokens: int = 64,
-                 stream: Callable[[str], Any] | None = None) -> GenerationResult:
+                 stream: Callable[[str], Any] | None = None, prefill_chunk: int | None = None,
+                 tiles_per_batch: int | None = None) -> GenerationResult:
         """Encode images (background), tokenise, prefill in chunks, decode greedily."""
         t0 = time.perf_counter()
-        handles = [im if isinstance(im, EncodedImage) else self.encode_image(im, f"image[{i}]")
+        handles = [im if isinstance(im, EncodedImage) else
+                   self.encode_image(im, f"image[{i}]", tiles_per_batch=tiles_per_batch)
                    for i, im in enumerate(images)]
         ids = self.prompt_ids(prompt, len(handles))           # runs while the images encode
         t_tok = time.perf_counter()
@@ -251,14 +264,14 @@ class Generator:
         if self.release_after and encoded:
             self.release_encoder()
         embeds = self.embed_prompt(ids, [e["features"] for e in encoded])
-        self._sync()
+        self.sync()
         t_pre = time.perf_counter()
-        logits = self.prefill(embeds, max_new_tokens)
+        logits = self.prefill(embeds, max_new_tokens, prefill_chunk)
         first = int(logits.argmax())
-        self._sync()
+        self.sync()
         t_first = time.perf_counter()
         out_ids, text, reason = self.decode(first, max_new_tokens, stream)
-        self._sync()
+        self.sync()
         t_end = time.perf_counter()
         n_dec = max(0, len(out_ids) - 1)
         visual = sum(int(e["features"].shape[0]) for e in encoded)
@@ -276,7 +289,7 @@ class Generator:
             "peak_rss_mb": peak_rss_mb(),
             "kv_cache_mb": getattr(self.engine, "cache_bytes", 0) / 2**20,
             "engine": self.engine.name,
-            "prefill_chunk": self.prefill_chunk,
+            "prefill_chunk": prefill_chunk or self.prefill_chunk,
         }
         return GenerationResult(text=text, token_ids=out_ids, prompt_tokens=int(embeds.shape[1]),
                                 visual_tokens=visual, grids=[e["grid"] for e in encoded],
@@ -289,7 +302,7 @@ class Generator:
         if dev is not None and torch.device(dev).type == "cuda":
             torch.cuda.synchronize()
 
-    _sync = sync
+
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -81,8 +81,8 @@ def _siglip_class():
 
         # -- the two stages the pipeline overlaps ------------------------------------------
         def _init_native(self, preset, image_size, feature_layer, tiles_per_batch, pipelined, dtype, device, seed):
-            """The same tower from bluelm_v.native (no transformers import), same parameter names."""
-            from bluelm_v.native import siglip_tower
+            """The same tower from bluelm_v.nn.llama (no transformers import), same parameter names."""
+            from bluelm_v.nn.siglip import siglip_tower
 
             geometry = dict(SIGLIP_PRESETS[preset])
             if image_size:
@@ -109,10 +109,13 @@ def _siglip_class():
                     tokens = tokens[0]
             return tokens
 
-        def forward(self, pixels):
-            """[K,3,B,B] -> [K,T,C], tiles_per_batch tiles per call."""
-            groups = list(pixels.split(max(1, self.tiles_per_batch)))  # [k,3,B,B] each
-            if not self.pipelined or len(groups) == 1:
+        def forward(self, pixels, tiles_per_batch: int | None = None, pipelined: bool | None = None):
+            """[K,3,B,B] -> [K,T,C], ``tiles_per_batch`` tiles per call (None: the configured
+            value), the patch embedding of the next group overlapped when ``pipelined``."""
+            tiles_per_batch = self.tiles_per_batch if tiles_per_batch is None else int(tiles_per_batch)
+            pipelined = self.pipelined if pipelined is None else bool(pipelined)
+            groups = list(pixels.split(max(1, tiles_per_batch)))  # [k,3,B,B] each
+            if not pipelined or len(groups) == 1:
                 return torch.cat([self.transform(self.embed(g)) for g in groups])
             if pixels.is_cuda:
                 return self._forward_streams(groups)
@@ -203,7 +206,7 @@ def siglip(preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = Tru
            image_size: int | None = None, implementation: str = "transformers"):
     """SigLIP vision tower (transformers), penultimate-layer features, batched + pipelined tiles.
     ``image_size`` overrides the preset's tile size (a multiple-of-14 side keeps every pixel seen).
-    ``implementation: native`` builds the same tower from bluelm_v.native (no transformers import)."""
+    ``implementation: native`` builds the same tower from bluelm_v.nn.llama (no transformers import)."""
     return _siglip_class()(preset=preset, tiles_per_batch=tiles_per_batch, pipelined=pipelined,
                            feature_layer=feature_layer, path=path, dtype=dtype,
                            attn_implementation=attn_implementation, device=device, seed=seed,

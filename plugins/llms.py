@@ -119,7 +119,7 @@ def _build_random(config, dtype, device: str, seed: int, native: bool = False):
 
     with torch.device("meta"):
         if native:
-            from bluelm_v.native import NativeLlamaForCausalLM
+            from bluelm_v.nn.llama import NativeLlamaForCausalLM
             model = NativeLlamaForCausalLM(config)
         else:
             from transformers import AutoModelForCausalLM
@@ -216,7 +216,7 @@ def hf_causal(preset: str | None = "tiny", path: str | None = None, gguf_file: s
               config: dict | None = None, seed: int = 0, implementation: str = "transformers"):
     """Llama-family causal LM (transformers): presets bluelm_3b_proxy / tiny / smollm2_135m,
     or a local directory / GGUF file. ``implementation: native`` builds the random-init presets
-    from bluelm_v.native instead (same names and maths, no transformers import)."""
+    from bluelm_v.nn.llama instead (same names and maths, no transformers import)."""
     import torch
 
     torch_dtype = _torch_dtype(dtype)
@@ -225,7 +225,7 @@ def hf_causal(preset: str | None = "tiny", path: str | None = None, gguf_file: s
         if path or gguf_file or preset not in LLM_PRESETS:
             raise ValueError(f"implementation native builds the random-init presets {sorted(LLM_PRESETS)}; "
                              "use implementation: transformers for smollm2_135m or a path")
-        from bluelm_v.native import NativeLlamaConfig
+        from bluelm_v.nn.llama import NativeLlamaConfig
 
         model = _build_random(NativeLlamaConfig(**{**LLM_PRESETS[preset], **(config or {})}),
                               torch_dtype, device, seed, native=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bluelm_v import plugin_manager
 from bluelm_v.errors import ConfigError
 from bluelm_v.plugins.backends import adb as adb_mod
 from bluelm_v.plugins.backends.npu_cost import CostModel, NpuProfile
@@ -21,12 +22,13 @@ PAPER_CASE = {"image": [768, 1536], "tiles_per_batch": 4, "prefill_chunk": 128, 
 TINY_CFG = {"tiler": {"name": "relaxed", "max_grid": 4}, "encoder": {"name": "siglip", "preset": "tiny"},
             "downsampler": {"name": "vila_2x2"}, "projector": {"name": "mlp2x_gelu"},
             "llm": {"name": "hf_causal", "preset": "tiny"}, "plugins": {}}
+REGISTRY = plugin_manager.get()[1]
 
 
 @pytest.fixture(scope="module")
 def sim():
     s = SimulatedNpu(profile="dimensity9300")
-    s.load(TINY_CFG)
+    s.load(TINY_CFG, REGISTRY)
     return s
 
 
@@ -131,7 +133,7 @@ def test_precision_plans_follow_the_quantizers():
 
 def test_config_model_costs_the_configured_model():
     tiny = SimulatedNpu(profile="dimensity9300", model="config")
-    tiny.load(TINY_CFG)
+    tiny.load(TINY_CFG, REGISTRY)
     assert tiny.shapes["llm"].hidden == 64 and tiny.shapes["encoder"].layers == 1
     assert tiny.run_case(PAPER_CASE)["encode_s"] < 0.1
 
@@ -296,7 +298,7 @@ def test_onnxruntime_matches_torch(tmp_path):
     from bluelm_v.plugins.backends.onnx_runtime import OnnxRuntimeBackend
 
     b = OnnxRuntimeBackend(export_dir=str(tmp_path))
-    b.load(TINY_CFG)
+    b.load(TINY_CFG, REGISTRY)
     m = b.run_case(SMALL_CASE)                               # 9 crops: groups 4 + 4 + (1 padded to 4)
     assert m["grid"] == "2:4" and m["visual_tokens"] == 9 * 196 and m["prompt_tokens"] <= 1900
     assert m["check_ok"] and m["check_features_max_abs_diff"] < 1e-4 and m["check_max_abs_diff"] < 1e-4
@@ -314,7 +316,7 @@ def test_local_torch_runs_the_runtime_and_checks_outputs():
     from bluelm_v.plugins.backends.local_torch import LocalTorch
 
     b = LocalTorch(threads=1)
-    info = b.load(TINY_CFG)
+    info = b.load(TINY_CFG, REGISTRY)
     assert info["engine"] in ("fast", "hf")
     m = b.run_case(SMALL_CASE)
     assert m["grid"] == "2:4" and m["crops"] == 9 and m["visual_tokens"] == 1764

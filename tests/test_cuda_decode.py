@@ -1,4 +1,4 @@
-"""bluelm_v.cuda_decode: the pure-torch pieces always; the Triton decode step only where Triton
+"""bluelm_v.plugins.engines.triton_step: the pure-torch pieces always; the Triton decode step only where Triton
 can run (a CUDA device, or TRITON_INTERPRET=1 set before pytest starts: slow, tiny model)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bluelm_v.cuda_decode import AttnConfig, GemvConfig, gemv_candidates, split_attention_reference
+from bluelm_v.plugins.engines.triton_step import AttnConfig, GemvConfig, gemv_candidates, split_attention_reference
 
 
 def test_split_attention_reference_equals_full_softmax():
@@ -62,8 +62,8 @@ def _triton_runnable() -> bool:
     ({"qkv": GemvConfig(8, 16, depth=2), "down": GemvConfig(4, 16, 2)}, False)],  # one tile at a time
     ids=["fused-merge", "merge-kernel-wide-head", "one-warp-attention", "no-prefetch"])
 def test_triton_step_matches_torch_path(configs, prefetch):
-    from bluelm_v.cuda_decode import TritonDecodeEngine
-    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins.engines.triton_step import TritonDecodeEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
     from bluelm_v.plugins import llms
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,8 +91,8 @@ def test_triton_step_matches_torch_path(configs, prefetch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("engine", ["graph", "triton", "triton-tuned"])
 def test_graph_steps_give_the_tokens_and_cache_of_eager_steps(engine):
-    from bluelm_v.cuda_decode import TritonDecodeEngine
-    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins.engines.triton_step import TritonDecodeEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
     from bluelm_v.plugins import llms
 
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def test_graph_steps_give_the_tokens_and_cache_of_eager_steps(engine):
 
 
 def _tiny_engine(**kw):
-    from bluelm_v.cuda_decode import TritonDecodeEngine
+    from bluelm_v.plugins.engines.triton_step import TritonDecodeEngine
     from bluelm_v.plugins import llms
 
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_tuning_keeps_whole_step_winner_fixed_sites_and_state():
     """autotune's control flow with the timers replaced (no GPU needed): the whole step decides
     between a site's best few, a fixed site is left alone, a site whose candidates all fail keeps
     its default, and the token, position, history and the cache row it writes are put back."""
-    from bluelm_v.cuda_decode import DEFAULTS, STEP_REPLAYS
+    from bluelm_v.plugins.engines.triton_step import DEFAULTS, STEP_REPLAYS
 
     fixed_o = GemvConfig(8, 64)
     eng = _tiny_engine(configs={"o": fixed_o}, debug_logits=True)
@@ -172,7 +172,7 @@ def test_tuning_keeps_whole_step_winner_fixed_sites_and_state():
 
 def test_int8_cache_is_not_tuned():
     """An INT8 KV cache runs the parent's step: prepare() must not tune the Triton kernels."""
-    from bluelm_v.quant.kv_static import Int8StaticKVCache
+    from bluelm_v.nn.kv_cache import Int8StaticKVCache
 
     eng = _tiny_engine()
     eng.cache = Int8StaticKVCache.allocate(len(eng.layers), eng.n_kv, eng.head_dim, 40, eng.dtype, eng.device)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bluelm_v import cpu_layer_ops
-from bluelm_v.quant import cpu_kernels
+from bluelm_v.nn.kernels import cpu_quant as cpu_kernels
 
 lib = cpu_layer_ops.library()
 needs_lib = pytest.mark.skipif(lib is None, reason="no C compiler for the CPU layer helpers")
@@ -86,7 +86,7 @@ def _run(engine, emb, chunk, steps):
 
 @needs_lib
 def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
-    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
 
     model = _tiny_llm()
     emb = model.get_input_embeddings()(torch.randint(3, 300, (1, 300)))       # [1,300,64]
@@ -112,8 +112,8 @@ def test_cpu_path_matches_the_torch_path_and_computes_logits_once_per_prefill():
 @pytest.mark.parametrize("quantizer", [dict(name="w4", group_size=32), dict(name="w8"),
                                        dict(name="w4", group_size=32, kernel="cpu_lowp")])
 def test_quantised_projections_are_fused_into_views_and_decode_like_transformers(quantizer, monkeypatch):
-    from bluelm_v.engines import HFEngine
-    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins.engines.hf import HFEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
     from bluelm_v.plugin_manager import get
 
     model = _tiny_llm(seed=3)
@@ -143,7 +143,7 @@ def test_quantised_projections_are_fused_into_views_and_decode_like_transformers
 
 @pytest.mark.parametrize("start", [0, 5, 40])
 def test_chunk_attention_equals_one_masked_softmax(start):
-    from bluelm_v.fast_llama_cpu import chunk_attention
+    from bluelm_v.plugins.engines.fast_cpu import chunk_attention
 
     torch.manual_seed(3)
     kv, g, t, d, s = 2, 3, 6, 16, 64
@@ -162,7 +162,7 @@ def test_chunk_attention_equals_one_masked_softmax(start):
 @needs_lib
 def test_loading_the_c_libraries_keeps_denormals_in_torch():
     # -ffast-math at link time would add GCC's crtfastmath: flush-to-zero for the whole process
-    from bluelm_v.quant import cpu_kernels
+    from bluelm_v.nn.kernels import cpu_quant as cpu_kernels
 
     assert cpu_kernels.library() is not None
     tiny = torch.tensor([1e-40], dtype=torch.float32)                 # a float32 denormal
@@ -171,7 +171,7 @@ def test_loading_the_c_libraries_keeps_denormals_in_torch():
 
 @needs_lib
 def test_decode_over_the_fp16_mirror_follows_the_fp32_cache_through_a_rewind():
-    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
 
     rels = []
 

@@ -1,4 +1,4 @@
-"""bluelm_v.native: the transformers-free Llama and SigLIP trees compute what transformers'
+"""bluelm_v.nn.llama: the transformers-free Llama and SigLIP trees compute what transformers'
 modules compute with the same weights, share their parameter names, and a process that builds
 and runs them never imports transformers."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _same_weights(dst, src):
 
 
 def test_native_llama_matches_transformers_logits_and_engine(registry):
-    from bluelm_v.engines import make_engine
+    from bluelm_v.plugins.engines import make_engine
 
     ref = registry.llm.create("hf_causal", preset="tiny", seed=3)
     nat = registry.llm.create("hf_causal", preset="tiny", implementation="native", seed=4)

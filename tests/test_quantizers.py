@@ -12,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bluelm_v.errors import ConfigError, InputError
-from bluelm_v.quant import activation, cpu_kernels, io, kernels, packing
-from bluelm_v.quant.kv_cache import Int8KVCache, Int8StaticKVCache, quantize_per_token
-from bluelm_v.quant.linear import Int4Linear, Int8Linear, QuantEmbedding
-from bluelm_v.quant.schemes import A16, KV8, W4, W8, kv_cache_kind, weight_bytes
+from bluelm_v.nn import activation_quant as activation, packing, quant_io as io
+from bluelm_v.nn.kernels import cpu_quant as cpu_kernels, quant_matmul as kernels
+from bluelm_v.nn.kv_cache_hf import Int8KVCache, Int8StaticKVCache, quantize_per_token
+from bluelm_v.nn.quant_linear import Int4Linear, Int8Linear, QuantEmbedding
+from bluelm_v.plugins.quantizers.schemes import A16, KV8, W4, W8, kv_cache_kind, weight_bytes
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "quantizer"
 
@@ -231,7 +232,7 @@ def test_w4_keeps_the_tied_head_and_embedding_in_int8_by_default():
 
 
 def test_meta_model_is_materialised_one_layer_at_a_time():
-    from bluelm_v.quant.streaming import RandomInit, materialize_remaining
+    from bluelm_v.nn.meta_build import RandomInit, materialize_remaining
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 32))

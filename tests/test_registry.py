@@ -23,9 +23,9 @@ def make_registry():
     return reg
 
 
-def test_seven_families_by_attribute():
+def test_eight_families_by_attribute():
     reg = Registries()
-    assert reg.families() == ["tiler", "encoder", "downsampler", "projector", "llm", "quantizer", "backend"]
+    assert reg.families() == ["tiler", "encoder", "downsampler", "projector", "llm", "engine", "quantizer", "backend"]
     assert reg.tiler is reg["tiler"]
     with pytest.raises(AttributeError, match="families"):
         reg.tokenizer  # noqa: B018

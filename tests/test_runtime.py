@@ -67,7 +67,7 @@ def test_fast_engine_matches_the_transformers_forward(model, image):
 def test_static_shape_decode_step_matches_the_dynamic_one(model, image):
     """The fixed-shape step a CUDA graph replays (full static cache + position mask) decodes the
     same tokens as the exact-length step."""
-    from bluelm_v.engines import FastLlamaEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
 
     gen = Generator(model)
     emb = gen.embed_prompt(gen.prompt_ids("<image>\nWhat is it?", 1),
@@ -124,7 +124,7 @@ def test_decoupled_encoding_handle_and_encoder_release(image):
     model = _build(seed=1)
     ref = Generator(model).generate("<image>\nHi", [image], max_new_tokens=6)
     encode = model.encode_images
-    model.encode_images = lambda px: (time.sleep(0.3), encode(px))[1]   # a slow ViT
+    model.encode_images = lambda px, *options: (time.sleep(0.3), encode(px, *options))[1]   # a slow ViT
     gen = Generator(model, release_encoder=True)
     t0 = time.perf_counter()
     handle = gen.encode_image(image)           # returns at once; encoding runs in the background
@@ -175,7 +175,7 @@ def test_smollm2_answers_and_matches_transformers_generate():
 
 
 def test_decode_in_chunks_gives_the_tokens_of_one_at_a_time(model, image, monkeypatch):
-    from bluelm_v.fast_llama import FastLlamaEngine
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
 
     def run(chunk, stop_at=None):
         monkeypatch.setattr(FastLlamaEngine, "decode_chunk", property(lambda self: chunk))

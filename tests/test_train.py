@@ -1,4 +1,4 @@
-"""Training (jobs/train.py, bluelm_v/training/): optimizer groups and schedule, batch plan,
+"""Training (jobs/train/, jobs/train/): optimizer groups and schedule, batch plan,
 FLOP counting, and end to end through Ray Train + DeepSpeed: both stages learn the generated
 shapes task far above chance, stage 1 leaves encoder and LLM bit-identical, and a worker killed
 mid-run is restarted from the last checkpoint with the step count continuing."""
@@ -33,7 +33,7 @@ def tiny_model():
 
 # -- optimizer pieces -------------------------------------------------------------------------
 def test_lr_schedule_warms_up_then_decays_to_min_by_cosine():
-    from bluelm_v.training.optim import lr_multiplier, warmup_steps_for
+    from bluelm_v.jobs.train.optim import lr_multiplier, warmup_steps_for
 
     total, warm = 200, warmup_steps_for(200, 0.05)
     assert warm == 10
@@ -48,7 +48,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_by_cosine():
 
 
 def test_stage1_freezes_all_but_projector_and_groups_follow(tiny_model):
-    from bluelm_v.training.optim import build_param_groups, freeze_except
+    from bluelm_v.jobs.train.optim import build_param_groups, freeze_except
 
     counts = freeze_except(tiny_model, ["projector", "downsampler"])
     assert counts["encoder"] == counts["llm"] == 0 and counts["projector"] > 0
@@ -61,7 +61,7 @@ def test_stage1_freezes_all_but_projector_and_groups_follow(tiny_model):
 
 
 def test_stage2_vit_layerwise_lr_decay(tiny_model):
-    from bluelm_v.training.optim import build_param_groups, freeze_except
+    from bluelm_v.jobs.train.optim import build_param_groups, freeze_except
 
     parts = ["encoder", "downsampler", "projector", "llm"]
     freeze_except(tiny_model, parts)
@@ -81,7 +81,7 @@ def test_stage2_vit_layerwise_lr_decay(tiny_model):
 def test_state_digest_sees_a_one_ulp_change(tiny_model):
     import torch
 
-    from bluelm_v.training.optim import state_digest
+    from bluelm_v.jobs.train.optim import state_digest
 
     before = state_digest(tiny_model.llm)
     w = next(tiny_model.llm.parameters())
@@ -97,7 +97,7 @@ def test_state_digest_sees_a_one_ulp_change(tiny_model):
 def test_length_grouped_plan_partitions_ranks_and_is_deterministic():
     import random
 
-    from bluelm_v.training.data import LengthGroupedPlan
+    from bluelm_v.jobs.train.data import LengthGroupedPlan
 
     rng = random.Random(1)
     lengths = [rng.randint(10, 500) for _ in range(203)]
@@ -124,7 +124,7 @@ def test_length_grouped_plan_partitions_ranks_and_is_deterministic():
 def test_collate_pads_and_keeps_images_in_order():
     import torch
 
-    from bluelm_v.training.data import collate
+    from bluelm_v.jobs.train.data import collate
 
     a = {"input_ids": [1, 2, -200], "labels": [-100, -100, -100], "images": [torch.zeros(2, 3, 4, 4)], "length": 9}
     b = {"input_ids": [5], "labels": [5], "images": [torch.ones(1, 3, 4, 4)], "length": 1}
@@ -137,8 +137,8 @@ def test_collate_pads_and_keeps_images_in_order():
 
 
 def test_step_flops_counts_backward_only_where_needed(tiny_model):
-    from bluelm_v.training.flops import StepFlops
-    from bluelm_v.training.optim import freeze_except
+    from bluelm_v.jobs.train.flops import StepFlops
+    from bluelm_v.jobs.train.optim import freeze_except
 
     freeze_except(tiny_model, ["projector"])
     s1 = StepFlops(tiny_model, ["projector"])

@@ -1,4 +1,4 @@
-"""Training step speed options (bluelm_v/training/speed.py): the chunked LM-head + cross-entropy
+"""Training step speed options (jobs/train/speed.py): the chunked LM-head + cross-entropy
 gives transformers' loss and the same gradients on the tiny model (padded batch, mask dropped),
 its compile-ready formulation computes the same function, and the config keys are validated."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _padded_batch(gen):
     """Two right-padded rows of different lengths, one image each, labels on the text only."""
     import torch
 
-    from bluelm_v.training.data import collate
+    from bluelm_v.jobs.train.data import collate
 
     items = []
     for n, crops in ((23, 1), (11, 2)):
@@ -48,7 +48,7 @@ def _loss_and_grads(step, batch):
 def test_chunked_loss_matches_transformers_loss_and_grads_on_padded_batch():
     import torch
 
-    from bluelm_v.training.speed import train_step_module
+    from bluelm_v.jobs.train.speed import train_step_module
 
     model = _tiny_model()
     batch = _padded_batch(torch.Generator().manual_seed(1))
@@ -68,7 +68,7 @@ def test_chunked_loss_matches_transformers_loss_and_grads_on_padded_batch():
 def test_fused_chunk_formulation_equals_eager_one():
     import torch
 
-    from bluelm_v.training.speed import ce_chunk_eager, ce_chunk_fused
+    from bluelm_v.jobs.train.speed import ce_chunk_eager, ce_chunk_fused
 
     gen = torch.Generator().manual_seed(2)
     h, w = torch.randn(9, 16, generator=gen), torch.randn(50, 16, generator=gen)
@@ -88,7 +88,7 @@ def test_compiled_loss_path_pads_chunks_and_keeps_loss_and_grads(monkeypatch):
     # stands in for its torch.compile'd form (same maths, no compiler needed here).
     import torch
 
-    from bluelm_v.training import speed
+    from bluelm_v.jobs.train import speed
 
     monkeypatch.setitem(speed._COMPILED_CHUNK, "fn", speed.ce_chunk_fused)
     gen = torch.Generator().manual_seed(5)
@@ -167,8 +167,8 @@ def test_bad_speed_options_are_config_errors(compose, override, key):
 def test_chunked_loss_with_frozen_llm_trains_only_the_projector_like_the_plain_loss():
     import torch
 
-    from bluelm_v.training.optim import freeze_except
-    from bluelm_v.training.speed import train_step_module
+    from bluelm_v.jobs.train.optim import freeze_except
+    from bluelm_v.jobs.train.speed import train_step_module
 
     model = _tiny_model()
     freeze_except(model, ["projector"])                                  # stage 1: the head is frozen

@@ -6,8 +6,8 @@
     simulated_npu  a phone SoC as a roofline cost model of the real model's FLOPs and bytes
     adb            a real Android phone over adb (push model + runner, run, parse, memory, thermal)
 
-Contract (bluelm_v.hookspecs): ``backend.load(cfg) -> dict`` (once per device; the composed
-config), ``backend.run_case(case) -> dict`` of measured figures; optional ``describe()``,
+Contract (bluelm_v.hookspecs): ``backend.load(cfg, registry) -> dict`` (once per device; the
+composed config and the registry the worker built), ``backend.run_case(case) -> dict`` of measured figures; optional ``describe()``,
 ``cool_down(seconds)``, ``close()``. A case is a plain dict: image [w, h], tiles_per_batch,
 prefill_chunk, prompt_tokens, decode_tokens, quantizer (a node or null), pipelined, seed.
 

@@ -234,7 +234,7 @@ class AdbBackend:
             if path and not Path(path).exists():
                 raise InputError(f"backend.{key}: {path} does not exist")
 
-    def load(self, cfg=None) -> dict:
+    def load(self, cfg=None, registry=None) -> dict:
         self.adb.serial = self.adb.choose()
         self.check_local_files()
         t0 = time.perf_counter()
@@ -255,7 +255,7 @@ class AdbBackend:
 
     # -- one case --------------------------------------------------------------------------
     def command_for(self, case: dict) -> str:
-        from bluelm_v.bench.cases import quantizer_label
+        from bluelm_v.jobs.benchmark.cases import quantizer_label
 
         w, h = case["image"]
         values = {"runner": os.path.basename(self.runner or "runner"), "remote_dir": self.remote_dir,

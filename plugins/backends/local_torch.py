@@ -51,14 +51,12 @@ class LocalTorch:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def load(self, cfg) -> dict:
+    def load(self, cfg, registry) -> dict:
         import torch
-
-        from bluelm_v.plugin_manager import from_config
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.cfg, self.registry = cfg, from_config(cfg)[1]
+        self.cfg, self.registry = cfg, registry
         info = self._build(cfg.get("quantizer"))
         return {**info, "torch_threads": torch.get_num_threads(), "device": self._torch_device()}
 
@@ -77,7 +75,7 @@ class LocalTorch:
             q = self.registry.create_from_config("quantizer", node, "case.quantizer")
             model = q.apply(model) or model
         self.model, self._variant, self._reference = model, _key(quantizer), {}
-        self.gen = Generator(model, prefill_chunk=128, release_encoder=False, engine=self.engine)
+        self.gen = Generator(model, engine=self.engine, registry=self.registry)
         self.load_s = time.perf_counter() - t0
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         torch.manual_seed(0)
@@ -100,29 +98,27 @@ class LocalTorch:
         quantizer = case["quantizer"] if "quantizer" in case else self.cfg.get("quantizer")
         if _key(quantizer) != self._variant:
             self._build(quantizer)
-        gen, model = self.gen, self.model
-        model.encoder.tiles_per_batch = int(case["tiles_per_batch"])
-        model.encoder.pipelined = bool(case.get("pipelined", True))
-        gen.prefill_chunk = int(case["prefill_chunk"])
+        gen = self.gen
         image = synthetic_image(*case["image"], seed=int(case.get("seed") or 0))
         n_new = int(case["decode_tokens"])
         with PeakSampler() as mem, torch.no_grad():
             t0 = time.perf_counter()
-            handle = gen.encode_image(image)                         # starts in the background
+            handle = gen.encode_image(image, tiles_per_batch=int(case["tiles_per_batch"]),
+                                      pipelined=bool(case.get("pipelined", True)))   # in the background
             ids = self._prompt_ids(case)                             # tokenises meanwhile
             enc = handle.result()
             emb = gen.embed_prompt(ids, [enc["features"]])           # [1, L, D]
-            gen._sync()
+            gen.sync()
             t_pre = time.perf_counter()
-            logits = gen.prefill(emb, max(n_new, 1))                 # [V]
+            logits = gen.prefill(emb, max(n_new, 1), chunk=int(case["prefill_chunk"]))   # [V]
             token = int(logits.argmax())
-            gen._sync()
+            gen.sync()
             t_first = time.perf_counter()
             out = [token]
             for _ in range(max(0, n_new - 1)):                       # fixed count: EOS ignored
                 token = gen.engine.step(token)
                 out.append(token)
-            gen._sync()
+            gen.sync()
             t_end = time.perf_counter()
         metrics = {
             "grid": "{}:{}".format(*enc["grid"]) if enc["grid"] else None, "crops": enc["crops"],
@@ -158,18 +154,12 @@ class LocalTorch:
 
         key = ("ref", tuple(case["image"]), int(case.get("seed") or 0), len(ids))
         if key not in self._reference:
-            enc = self.model.encoder
-            saved = (enc.tiles_per_batch, enc.pipelined)
-            enc.tiles_per_batch, enc.pipelined = 1, False
-            try:
-                with torch.no_grad():
-                    pixels = self.model.tiler.transform(image).pixels.to(self._torch_device())
-                    ref_feat = self.model.encode_images(pixels)                     # [K*T', D]
-                    ref_emb = self.gen.embed_prompt(ids, [ref_feat])                      # [1, L, D]
-                    out = self.model.llm.model(inputs_embeds=ref_emb, logits_to_keep=1)
-                    ref_logits = out.logits[0, -1].float()                              # [V]
-            finally:
-                enc.tiles_per_batch, enc.pipelined = saved
+            with torch.no_grad():
+                pixels = self.model.tiler.transform(image).pixels.to(self._torch_device())
+                ref_feat = self.model.encode_images(pixels, tiles_per_batch=1, pipelined=False)   # [K*T', D]
+                ref_emb = self.gen.embed_prompt(ids, [ref_feat])                                  # [1, L, D]
+                out = self.model.llm.model(inputs_embeds=ref_emb, logits_to_keep=1)
+                ref_logits = out.logits[0, -1].float()                                          # [V]
             self._reference[key] = (ref_feat.float(), ref_logits)
         ref_feat, ref_logits = self._reference[key]
         feat_diff = float((features.float() - ref_feat).abs().max())

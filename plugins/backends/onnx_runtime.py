@@ -42,17 +42,16 @@ class OnnxRuntimeBackend:
         self.sessions: dict = {}
         self.model = None
 
-    def load(self, cfg) -> dict:
+    def load(self, cfg, registry) -> dict:
         import torch
 
         from bluelm_v.model import BlueLMV
-        from bluelm_v.plugin_manager import from_config
 
         t0 = time.perf_counter()
         self._tmp = None if self.export_dir else tempfile.TemporaryDirectory(prefix="bluelm_v_onnx_")
         self.dir = Path(self.export_dir or self._tmp.name)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.model = BlueLMV.from_config(cfg, from_config(cfg)[1]).float().eval()
+        self.model = BlueLMV.from_config(cfg, registry).float().eval()
         self.hf = self.model.llm.model
         self.table = self.hf.get_input_embeddings().weight.detach().float().numpy()   # [V, D]
         torch.manual_seed(0)

@@ -80,14 +80,11 @@ class SimulatedNpu:
         self.shapes = None
 
     # -- loading ---------------------------------------------------------------------------
-    def load(self, cfg) -> dict:
+    def load(self, cfg, registry) -> dict:
         """Read the workload's shapes from meta-device modules (cached on disk) and the tiler."""
-        from bluelm_v.plugin_manager import from_config
-
         from . import workload
         from ..llms import cache_dir
 
-        registry = from_config(cfg)[1]
         nodes = {k: _plain(cfg.get(k)) if self.model_source == "config" else v for k, v in PAPER_MODEL.items()}
         for part in ("encoder", "llm"):
             nodes[part] = {**nodes[part], "device": "meta"}

@@ -1,0 +1,102 @@
+"""LLM engines (family ``engine``): how the runtime runs the LLM's prefill and decode steps.
+
+    engine: {name: auto}                                  # fast for Llama-family models, else hf
+    engine: {name: fast, cuda_graph: true, compile: false}
+    engine: {name: triton}                                # CUDA + Triton only
+
+    eng = registry.create_from_config("engine", cfg.engine, "engine", model=causal_lm)
+    eng.begin(max_len)                                    # allocate the KV cache (reused when it fits)
+    logits = eng.prefill(embeds [1,L,D], chunk=128)       # -> [V] logits of the last position
+    nxt = eng.step(token_id)                              # one greedy decode step (t1)
+    toks = eng.steps(token_id, n)                         # n steps (CUDA graphs: queued, read once)
+    eng.decode_chunk, eng.length, eng.cache, eng.device, eng.name, eng.cache_bytes
+
+Engines (the modules beside this one; torch is imported only when one is created):
+  hf      the model's own forward with a DynamicCache (any transformers causal LM)
+  fast    FastLlamaEngine: static KV cache, fused projections, CUDA graph per decode step, the
+          C-helper CPU path (fast_cpu.py) for fp32 on CPU
+  triton  TritonDecodeEngine: the fast engine with the decode step as Triton kernels (CUDA)
+  auto    fast where the model is Llama-family and supported, else hf
+"""
+from __future__ import annotations
+
+from bluelm_v import hookimpl
+
+FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION = ("sdpa", "matmul")
+
+
+def hf(model):
+    """Any transformers causal LM: its own forward with a DynamicCache, chunk by chunk."""
+    from .hf import HFEngine
+
+    return HFEngine(model)
+
+
+def fast(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
+         attention: str = "sdpa", cpu_half_kv: bool = True):
+    """Lean Llama-family forward: static KV cache, fused q|k|v and gate|up, CUDA-graph decode step,
+    C helpers on CPU (``cpu_half_kv``: decode attention over an fp16 mirror of the cache)."""
+    from .fast import FastLlamaEngine
+
+    if not FastLlamaEngine.supports(model):
+        from bluelm_v.errors import ConfigError
+        raise ConfigError(f"engine=fast: the LLM ({type(model).__name__}, model_type "
+                          f"{getattr(model.config, 'model_type', '?')!r}) is not a Llama-family decoder "
+                          f"the fast engine can run; use engine=hf or engine=auto")
+    return FastLlamaEngine(model, fuse=fuse, cuda_graph=cuda_graph, compile=compile,
+                           attention=attention, cpu_half_kv=cpu_half_kv)
+
+
+def auto(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
+         attention: str = "sdpa", cpu_half_kv: bool = True):
+    """``fast`` for Llama-family models it supports, else ``hf``."""
+    from .fast import FastLlamaEngine
+
+    if getattr(model.config, "model_type", "") in FAST_MODEL_TYPES and FastLlamaEngine.supports(model):
+        return FastLlamaEngine(model, fuse=fuse, cuda_graph=cuda_graph, compile=compile,
+                               attention=attention, cpu_half_kv=cpu_half_kv)
+    return hf(model)
+
+
+def triton_unavailable() -> str | None:
+    """Why the Triton engine cannot run on this machine (None when it can)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def triton(model, tune: bool = True, tune_budget_s: float = 150.0, pdl: bool = True,
+           prefetch: bool = True, configs: dict | None = None, fuse: bool = True):
+    """The fast engine with its decode step as one CUDA graph of Triton kernels (5-6 a layer),
+    block shapes tuned per call site at the first decode (``tune``)."""
+    from .triton_step import TritonDecodeEngine
+
+    return TritonDecodeEngine(model, configs=configs, tune=tune, tune_budget_s=tune_budget_s,
+                              pdl=pdl, prefetch=prefetch, fuse=fuse)
+
+
+def make_engine(model, kind: str = "auto", **options):
+    """An engine by registered name through the plugin registry (for scripts and tests; jobs
+    create theirs from the ``engine`` config node)."""
+    from bluelm_v import plugin_manager
+
+    registry = plugin_manager.get()[1]
+    return registry.create_from_config("engine", {"name": kind, **options}, "engine", model=model)
+
+
+@hookimpl
+def bluelm_v_register(registry):
+    fast_choices = {"attention": ATTENTION}
+    registry.engine.register("auto", auto, choices=fast_choices)
+    registry.engine.register("hf", hf)
+    registry.engine.register("fast", fast, choices=fast_choices)
+    registry.engine.register("triton", triton, ranges={"tune_budget_s": (0, None)},
+                             requires=triton_unavailable)
