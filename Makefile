@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/python -m bluelm_v.launch +experiment=ablate_tiling
 
-test: install
+lint: install
+	$(BIN)/python tools/lint_imports.py
+
+test: install lint
 	WANDB_MODE=disabled BLUELM_V_NO_PROGRESS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from bluelm_v import cpu_layer_ops
+    from bluelm_v.nn.kernels import cpu_layer_ops
 
     lib = cpu_layer_ops.library()
     if lib is None or lib.has_fast_f16() != 1:

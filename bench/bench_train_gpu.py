@@ -1,7 +1,7 @@
 """Stage-2 training throughput at full size: tokens/s and MFU on one GPU (prints a table).
 
 so400m encoder + bluelm_3b_proxy LLM (2.72B), random init, bf16, everything trainable with
-SPEC 4's AdamW (ViT layer-wise LR decay 0.9), synthetic unpadded batches: each sample is
+docs/design.md §4's AdamW (ViT layer-wise LR decay 0.9), synthetic unpadded batches: each sample is
 ``--crops`` crops of 384 px (196 visual tokens each after the 2x2 merge) + text up to ``--seq``
 tokens. The step is the train job's: the speed options of ``bluelm_v.jobs.train.speed`` (the job's
 ``train.compile`` / ``train.loss_chunk_tokens`` / ``train.sdpa_backend``), the DeepSpeed config

@@ -27,7 +27,7 @@ from .errors import BlueLMVError, ConfigError
 from .job import JobContext, list_jobs, write_json
 
 # Parameters the framework passes to a factory itself (not set in config).
-WIRING = {"downsampler": ("in_dim",), "projector": ("in_dim", "out_dim")}
+WIRING = {"downsampler": ("in_dim",), "projector": ("in_dim", "out_dim"), "engine": ("model",)}
 
 
 def job_module(name: str):

@@ -7,7 +7,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Grid:
-    """m tiles along the WIDTH, n tiles along the HEIGHT (SPEC convention)."""
+    """m tiles along the WIDTH, n tiles along the HEIGHT (docs/design.md §1)."""
 
     m: int
     n: int

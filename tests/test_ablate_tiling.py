@@ -18,7 +18,7 @@ from bluelm_v.data.llava_sizes import read_llava_records
 from bluelm_v.data.manifest import COCO_TRAIN2017_IMAGES, read_size_manifest, split_bad_sizes
 from bluelm_v.errors import ConfigError, InputError
 from bluelm_v.jobs import ablate_tiling
-from bluelm_v.jobs import _tiling_report as report
+from bluelm_v.jobs.ablate_tiling import report
 from bluelm_v.plugin_manager import get, load_plugins
 
 # The job needs only the tiler family; the others are deleted so this file tests the job alone.

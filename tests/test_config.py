@@ -44,12 +44,20 @@ def test_experiment_composes_and_validates(compose, experiment, tmp_path):
 
 @pytest.mark.parametrize("family, option", GROUP_OPTIONS)
 def test_group_option_composes_and_instantiates(compose, family, option):
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.plugins.engines import triton_unavailable
+
     cfg = compose([f"{family}={option}"])
     _, registry, _ = get()
+    if (family, option) == ("engine", "triton") and triton_unavailable():
+        with pytest.raises(ConfigError, match="engine: engine 'triton' cannot run on this machine"):
+            registry.validate_node(family, cfg[family], family, WIRING.get(family, ()))
+        return
     registry.validate_node(family, cfg[family], family, WIRING.get(family, ()))
     if (family, option) in NOT_BUILT:
         return
-    wiring = {"downsampler": {"in_dim": 64}, "projector": {"in_dim": 256, "out_dim": 64}}.get(family, {})
+    wiring = {"downsampler": {"in_dim": 64}, "projector": {"in_dim": 256, "out_dim": 64},
+              "engine": {"model": registry.llm.create("hf_causal", preset="tiny").model}}.get(family, {})
     component = registry.create_from_config(family, cfg[family], family, **wiring)
     assert component is not None
 

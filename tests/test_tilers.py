@@ -1,4 +1,4 @@
-"""Tilers (SPEC 2): the paper's worked examples, vectorised == scalar on arbitrary sizes,
+"""Tilers (docs/design.md §2): the paper's worked examples, vectorised == scalar on arbitrary sizes,
 degenerate strips, bad sizes, transform shapes / padding / tile order / normalisation."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from bluelm_v.plugins.tilers import InternVLTiler, LlavaNextTiler, RelaxedTiler,
 B = 384
 PAPER_TILERS = {"llava_next": LlavaNextTiler(), "internvl": InternVLTiler(), "relaxed": RelaxedTiler()}
 
-# SPEC 2.3: the paper's worked examples (grid candidates 1..3 x 1..3, InternVL max 9 tiles).
+# docs/design.md §2.3: the paper's worked examples (grid candidates 1..3 x 1..3, InternVL max 9 tiles).
 WORKED = [((394, 390), {"llava_next": (2, 2), "internvl": (1, 1), "relaxed": (1, 1)}),
           ((380, 76), {"llava_next": (1, 1), "internvl": (5, 1), "relaxed": (1, 1)}),
           ((380, 393), {"llava_next": (1, 2), "internvl": (1, 1), "relaxed": (1, 1)}),
@@ -90,7 +90,7 @@ def test_vectorised_equals_scalar_across_chunk_boundaries(pairs):
 @settings(max_examples=200, deadline=None)
 @given(w=st.integers(1, 5000), h=st.integers(1, 5000))
 def test_llava_next_picks_max_effective_then_min_waste(w, h):
-    """SPEC 2.1 stated as an argmax: largest Re, then smallest Rw, then the earliest candidate."""
+    """docs/design.md §2.1 stated as an argmax: largest Re, then smallest Rw, then the earliest candidate."""
     tiler = PAPER_TILERS["llava_next"]
     scored = [(fit_scalar(w, h, m * B, n * B), i, (m, n)) for i, (m, n) in enumerate(tiler.candidates)]
     best = min(scored, key=lambda s: (-s[0][0], s[0][1], s[1]))[2]
@@ -116,7 +116,7 @@ def test_exact_tile_multiples_get_their_own_grid(k, l):
 
 def test_internvl_tie_prefers_larger_grid_only_for_large_images():
     """Equal aspect-ratio difference: move to the later (more tiles) candidate only when the
-    image area exceeds half the candidate canvas (SPEC 2.2)."""
+    image area exceeds half the candidate canvas (docs/design.md §2.2)."""
     tiler = InternVLTiler()
     assert tiler.select(400, 400) == (1, 1)     # 160000 < 0.5 * 384^2 * 4
     assert tiler.select(600, 600) == (2, 2)     # 360000 > 294912, < 663552 (3x3)

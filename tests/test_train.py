@@ -56,7 +56,7 @@ def test_stage1_freezes_all_but_projector_and_groups_follow(tiny_model):
     groups = build_param_groups(tiny_model, ["projector", "downsampler"], 1e-3, 0.05)
     grouped = {id(p) for g in groups for p in g["params"]}
     assert grouped == {id(p) for p in tiny_model.projector.parameters()}
-    for g in groups:   # no weight decay on biases / norm scales, SPEC WD elsewhere
+    for g in groups:   # no weight decay on biases / norm scales, weight decay elsewhere (docs/design.md §4)
         assert g["weight_decay"] == (0.05 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
 
 

@@ -1,4 +1,4 @@
-"""LLaVA-format training data through the configured tiler (SPEC 4).
+"""LLaVA-format training data through the configured tiler (docs/design.md §4).
 
 A JSON list of {"id", "image" (relative path, optional; a list for several images),
 "conversations": [{"from": "human"|"gpt", "value": "...<image>..."}]}.

@@ -2,7 +2,7 @@
 
 Each image holds one shape (circle, square or triangle) in one of four colours at one of four
 positions (left, right, top, bottom) on a lightly noisy background, with random size and
-jitter. Written in LLaVA format (SPEC 4: a JSON list of {id, image, conversations}) + PNGs:
+jitter. Written in LLaVA format (docs/design.md §4: a JSON list of {id, image, conversations}) + PNGs:
 
     stage1.json   captions        "<image>\\nDescribe the image."  -> "a red circle on the left."
     stage2.json   questions       "<image>\\nWhat colour is the shape?" -> "red"   (+ shape, position)

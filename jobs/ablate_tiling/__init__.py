@@ -7,7 +7,7 @@
     python -m bluelm_v.launch +experiment=ablate_tiling 'ablation.tilers=[relaxed,llava_next,internvl,single]'
     python -m bluelm_v.launch +experiment=ablate_tiling 'ablation.overrides={relaxed: {alpha: 0.2}}'
 
-Inputs (SPEC 2.4): a size manifest (CSV with width,height; default: the real sizes of the
+Inputs (docs/design.md §2.4): a size manifest (CSV with width,height; default: the real sizes of the
 118,287 COCO train2017 images shipped in bluelm_v/data) or a LLaVA-format JSON whose image
 sizes are read from file headers in parallel Ray tasks and cached (bluelm_v.data).
 
@@ -227,7 +227,7 @@ def write_skipped(path: Path, skipped) -> None:
 
 # -- the job ---------------------------------------------------------------------------------
 def run(ctx) -> dict:
-    from bluelm_v.jobs import _tiling_report as report
+    from bluelm_v.jobs.ablate_tiling import report
 
     cfg, ab = ctx.cfg, ctx.cfg.ablation
     names = list(_plain(ab.tilers))

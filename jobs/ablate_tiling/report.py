@@ -7,7 +7,7 @@ import numpy as np
 
 from bluelm_v.data.manifest import COCO_TRAIN2017_IMAGES, LLAVA665K_BY_SOURCE, LLAVA665K_IMAGE_SAMPLES
 
-# The paper's counts over the ~624k image samples of LLaVA-1.5 665k (SPEC 2.4).
+# The paper's counts over the ~624k image samples of LLaVA-1.5 665k (docs/design.md §2.4).
 PAPER = {"relaxed_vs_llava_next": {"smaller": 29_000, "larger": 0},
          "relaxed_vs_internvl": {"smaller": 523_000, "larger": 25_000}}
 UPSCALE_NOTE = "canvas pixels of the local tiles (m*n*B^2) / image pixels (w*h); >1 = the image is blown up"

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from bluelm_v.errors import ConfigError
+from bluelm_v.plugins.quantizers import quantizer_label
 
 DEVICE_KEYS = ("name", "backend", "num_cpus", "cases", "overrides")
 CASE_FIELDS = {"image": list, "tiles_per_batch": int, "prefill_chunk": int, "prompt_tokens": int,
@@ -118,18 +119,6 @@ def expand(cases_cfg: dict, device_patch: dict | None = None, path: str = "job.c
             seen.add(case["id"])
             out.append(case)
     return out
-
-
-def quantizer_label(q) -> str:
-    if q is None:
-        return "none"
-    nodes = q if isinstance(q, (list, tuple)) else [q]
-    parts = []
-    for n in nodes:
-        n = {"name": n} if isinstance(n, str) else dict(n)
-        extra = ",".join(f"{k}={v}" for k, v in sorted(n.items()) if k != "name")
-        parts.append(f"{n.get('name')}({extra})" if extra else str(n.get("name")))
-    return "+".join(parts)
 
 
 def case_id(case: dict) -> str:

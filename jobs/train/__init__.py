@@ -1,4 +1,4 @@
-"""Two-stage training (SPEC 4): Ray Train workers running DeepSpeed, stage 1 then stage 2.
+"""Two-stage training (docs/design.md §4): Ray Train workers running DeepSpeed, stage 1 then stage 2.
 
     python -m bluelm_v.launch +experiment=train_tiny ray.num_cpus=2         # CPU smoke run, shapes data
     python -m bluelm_v.launch +experiment=train \\

@@ -1,4 +1,4 @@
-"""Optimizer pieces of the two training stages (SPEC 4): which parameters train, AdamW parameter
+"""Optimizer pieces of the two training stages (docs/design.md §4): which parameters train, AdamW parameter
 groups with weight decay and the ViT's layer-wise LR decay, and the warm-up + cosine schedule.
 
     groups = build_param_groups(model, trainable=["projector", "downsampler"], lr=1e-3, weight_decay=0.05)

@@ -255,7 +255,7 @@ class AdbBackend:
 
     # -- one case --------------------------------------------------------------------------
     def command_for(self, case: dict) -> str:
-        from bluelm_v.jobs.benchmark.cases import quantizer_label
+        from ..quantizers import quantizer_label
 
         w, h = case["image"]
         values = {"runner": os.path.basename(self.runner or "runner"), "remote_dir": self.remote_dir,

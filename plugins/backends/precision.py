@@ -3,7 +3,7 @@
     precision_plan({"name": "bluelm_mixed"}) -> {"encoder": Precision(8, 16, float),
         "projector": Precision(8, 16, float), "llm": Precision(4, 16, int), "kv_bits": 8}
 
-The quantizer names and ``targets`` are those of plugins/quantizers/ (SPEC section 3):
+The quantizer names and ``targets`` are those of plugins/quantizers/ (docs/design.md §3):
 ``none`` (no integer weights: FP16 on a phone NPU), ``w8`` (INT8 weights, default targets
 encoder/projector), ``w4`` (INT4 weights, default target llm), ``kv8`` (INT8 KV cache), ``a16``
 (integer activations of ``bits``, default target llm) and ``bluelm_mixed`` (the paper's scheme:

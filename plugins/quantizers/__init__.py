@@ -82,6 +82,19 @@ def bluelm_mixed(llm_group_size: int = 64, llm_symmetric: bool = False, llm_embe
     return Composite("bluelm_mixed", steps)
 
 
+def quantizer_label(q) -> str:
+    """A quantizer node (or list of nodes) as one short label: ``w4(group_size=64)+kv8``."""
+    if q is None:
+        return "none"
+    nodes = q if isinstance(q, (list, tuple)) else [q]
+    parts = []
+    for n in nodes:
+        n = {"name": n} if isinstance(n, str) else dict(n)
+        extra = ",".join(f"{k}={v}" for k, v in sorted(n.items()) if k != "name")
+        parts.append(f"{n.get('name')}({extra})" if extra else str(n.get("name")))
+    return "+".join(parts)
+
+
 @hookimpl
 def bluelm_v_register(registry):
     q = registry.quantizer

@@ -299,31 +299,32 @@ def library():
     return cpu_quant.load(C_SOURCE, "bluelm_v_layer_ops", _SIGNATURES, _LIB, "CPU layer kernels", ("-lm",))
 
 
-_GEMM: list = []
+_GEMM: dict = {}          # dtype -> oneDNN linear, or None where it does not run (a bf16 GEMM needs AVX-512)
 LINEAR_MIN_ROWS = 16     # fewer rows (decode): torch's GEMV
 
 
-def _onednn_linear():
-    """oneDNN's fp32 linear if this torch has it and it matches torch.mm, else None."""
-    if _GEMM:
-        return _GEMM[0]
+def _onednn_linear(dtype):
+    """oneDNN's linear for ``dtype`` if this torch and CPU run it and it matches torch.mm, else None."""
+    if dtype in _GEMM:
+        return _GEMM[dtype]
     import torch
 
     fn = None
     try:
         op = torch.ops.mkldnn._linear_pointwise
         gen = torch.Generator().manual_seed(0)
-        x, w = torch.randn(33, 40, generator=gen), torch.randn(24, 40, generator=gen)
-        if torch.backends.mkldnn.is_available() and torch.allclose(op(x, w, None, "none", [], ""), x @ w.t(),
-                                                                   rtol=1e-4, atol=1e-4):
+        x, w = torch.randn(33, 40, generator=gen).to(dtype), torch.randn(24, 40, generator=gen).to(dtype)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        if torch.backends.mkldnn.is_available() and torch.allclose(
+                op(x, w, None, "none", [], "").float(), (x @ w.t()).float(), rtol=tol, atol=tol):
             fn = lambda a, b: op(a, b, None, "none", [], "")      # noqa: E731
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):   # e.g. "could not create a primitive descriptor" (no bf16 ISA)
         fn = None
-    _GEMM.append(fn)
+    _GEMM[dtype] = fn
     return fn
 
 
 def linear(x, w):
     """x [M, K] @ w [N, K].T -> [M, N] (both contiguous CPU tensors, fp32 or both bf16)."""
-    fn = _onednn_linear() if x.shape[0] >= LINEAR_MIN_ROWS else None
+    fn = _onednn_linear(x.dtype) if x.shape[0] >= LINEAR_MIN_ROWS else None
     return fn(x, w) if fn is not None else x @ w.t()
