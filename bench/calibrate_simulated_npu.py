@@ -35,8 +35,10 @@ FITTED = ("bandwidth_efficiency", "fp16_tflops", "int4_tops", "batch_half")
 
 
 def loaded_sim() -> SimulatedNpu:
+    from bluelm_v import plugin_manager
+
     sim = SimulatedNpu(profile="dimensity9300")
-    sim.load({"tiler": {"name": "relaxed", "max_grid": 4}, "plugins": {}})
+    sim.load({"tiler": {"name": "relaxed", "max_grid": 4}, "plugins": {}}, plugin_manager.get()[1])
     return sim
 
 
