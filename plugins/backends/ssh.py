@@ -74,8 +74,11 @@ class SshTransport:
             if not os.path.exists(self.key):
                 raise TransportError(f"backend.key: {self.key} does not exist", False)
             options["client_keys"] = [self.key]
+        async def connect():
+            return await asyncssh.connect(self.host, **options)
+
         try:
-            self._conn = self._call(asyncssh.connect(self.host, **options), self.connect_timeout_s)
+            self._conn = self._call(connect(), self.connect_timeout_s)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise TransportError(f"ssh {self.where}: host key not trusted ({exc}); add the board to "
                                  f"{self.known_hosts or '~/.ssh/known_hosts'} (ssh-keyscan -p {self.port} {self.host}) "
