@@ -162,8 +162,10 @@ def test_parse_memory_and_thermal():
 
 
 def test_parse_runner_outputs():
-    kv = adb_mod.parse_runner_kv(read("runner_kv.txt"))
-    assert kv["encode_s"] == 2.061 and kv["decode_tokens_per_s"] == 24.38 and kv["text"].startswith("The screenshot")
+    kv = adb_mod.parse_runner_kv(read("runner_kv.txt"))                # captured from bluelm_v/runner.py
+    assert kv["export_version"] == 1 and kv["crops"] == 9 and kv["prompt_tokens"] == 1900
+    assert kv["encode_s"] + kv["prefill_s"] == pytest.approx(kv["ttft_s"], rel=1e-6)
+    assert kv["tokens"] == [10, 10, 10, 10] and kv["text"] == "\n\n\n\n"
     ll = adb_mod.parse_llama_cpp(read("llama_cpp.txt"))
     assert ll["prefill_s"] == 13.9 and ll["prompt_tokens"] == 2048 and ll["encode_s"] == 2.87
     assert ll["decode_tokens_per_s"] == pytest.approx(4.9, rel=1e-3) and ll["load_s"] == pytest.approx(1.12044)
@@ -222,7 +224,9 @@ def test_adb_load_pushes_model_and_runner_then_runs_a_case(tmp_path):
                                    "--decode-tokens 64 --quantizer 'w4(group_size=64)' --pipelined 1")
     m = b.run_case(case)
     assert ["adb", "-s", "R5CT1234ABC", "shell", b.command_for(case)] in fake.calls
-    assert m["encode_s"] == 2.061 and m["peak_memory_mb"] == 2187 and m["thermal_after_c"] == 47.5
+    kv = adb_mod.parse_runner_kv(read("runner_kv.txt"))
+    assert m["encode_s"] == kv["encode_s"] and m["thermal_after_c"] == 47.5
+    assert m["peak_memory_mb"] == kv["peak_rss_mb"]                   # what the runner measured
     assert m["thermal_status"] == 1
 
 
@@ -271,7 +275,7 @@ def test_adb_missing_binary_and_runner(tmp_path):
     fake = FakeAdb()
     b = adb_mod.AdbBackend()
     b.adb.execute = fake
-    with pytest.raises(ConfigError, match="backend.runner"):
+    with pytest.raises(ConfigError, match="backend.runner"):      # the device runner needs the model config
         b.load()
 
 
@@ -294,7 +298,11 @@ SMALL_CASE = {"image": [768, 1536], "tiles_per_batch": 4, "prefill_chunk": 64, "
               "decode_tokens": 4, "quantizer": None}
 
 
-def test_onnxruntime_matches_torch(tmp_path):
+def test_onnxruntime_matches_torch_and_the_runner_file_matches_it(tmp_path):
+    import json
+    import sys
+
+    from bluelm_v import runner
     from bluelm_v.plugins.backends.onnx_runtime import OnnxRuntimeBackend
 
     b = OnnxRuntimeBackend(export_dir=str(tmp_path))
@@ -306,10 +314,55 @@ def test_onnxruntime_matches_torch(tmp_path):
     import onnx
     graph = onnx.load(str(tmp_path / "vision_b4.onnx")).graph
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [4, 3, 384, 384]   # static
+    # the runner, as a plain file in a fresh process, on the same export and inputs: the same answer
+    from bluelm_v import chat
+    from bluelm_v.plugins.backends.inputs import prompt_for, synthetic_image
+
+    synthetic_image(768, 1536).save(tmp_path / "image.png")
+    prompt, _ = prompt_for(lambda t: len(chat.prompt_ids(b.model.tokenizer, t)), 9 * 196, 1900)
+    (tmp_path / "ids.json").write_text(json.dumps(chat.prompt_ids(b.model.tokenizer, prompt)))
+    argv = [sys.executable, runner.__file__, "--export", str(tmp_path), "--image", str(tmp_path / "image.png"),
+            "--grid", "2:4", "--prompt-ids", str(tmp_path / "ids.json"), "--tiles-per-batch", "4",
+            "--prefill-chunk", "64", "--decode-tokens", "4"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    out = adb_mod.parse_runner_kv(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert out["tokens"] == m["tokens"] and out["prompt_tokens"] == m["prompt_tokens"] and out["crops"] == 9
+    assert out["text"] == b.model.tokenizer.decode(m["tokens"]) and out["peak_rss_mb"] > 0
     q = b.run_case({**SMALL_CASE, "quantizer": {"name": "bluelm_mixed"}})
     assert q["ort_weights"] == {"vision": "int8", "llm": "int8"} and (tmp_path / "vision_b4.int8.onnx").exists()
     assert q["check_max_abs_diff"] > 10 * m["check_max_abs_diff"] and q["check_ok"]   # int8 error, within 10%
     b.close()
+    # a runner and an export of different versions refuse, in one line
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": runner.EXPORT_VERSION + 1}))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout.strip().count("\n") == 0
+    assert f"export version {runner.EXPORT_VERSION + 1} but this runner reads version {runner.EXPORT_VERSION}" in done.stdout
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "embeddings.npy").write_bytes(b"truncated")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "embeddings.npy is missing or has the wrong size" in done.stdout
+
+
+@pytest.mark.parametrize("tiler", [{"name": "relaxed", "max_grid": 4}, {"name": "internvl"},
+                                   {"name": "llava_next"}])
+def test_runner_preprocessing_is_the_tilers_transform(tiler):
+    """The runner (numpy + Pillow only) cuts the same crops as the tiler, thumbnail included."""
+    import numpy as np
+
+    from bluelm_v.plugins.backends.export import preprocess_spec
+    from bluelm_v.plugins.backends.inputs import synthetic_image
+    from bluelm_v.runner import crop_count, preprocess
+
+    t = REGISTRY.create_from_config("tiler", tiler, "tiler")
+    spec = preprocess_spec(t)
+    for size in ((768, 1536), (1000, 333), (384, 384)):
+        image = synthetic_image(*size, seed=3)
+        want = t.transform(image)
+        got = preprocess(image, tuple(want.grid), spec)
+        assert got.shape == tuple(want.pixels.shape) and crop_count(tuple(want.grid), spec) == want.n_crops
+        assert float(np.abs(got - want.pixels.numpy()).max()) < 1e-5
 
 
 def test_local_torch_runs_the_runtime_and_checks_outputs():
@@ -349,3 +402,75 @@ def test_workload_shapes_are_cached_on_disk_by_config(sim, tmp_path):
     other = {**PAPER_MODEL, "llm": {"name": "hf_causal", "preset": "tiny"}}
     cached_shapes(other, registry, compute, tmp_path)
     assert len(calls) == 2 and len(list((tmp_path / "npu_workloads").iterdir())) == 2
+
+
+# -- the ssh transport against a real SSH server on 127.0.0.1 -----------------------------------
+def test_ssh_transport_push_run_pull_timeouts_and_host_keys(tmp_path):
+    from ssh_board import SshBoard
+
+    from bluelm_v.plugins.backends.ssh import SshTransport
+    from bluelm_v.plugins.backends.transport import TransportError
+
+    board = SshBoard(tmp_path).start()
+    node = board.backend_node()
+    t = SshTransport("127.0.0.1", board.port, board.user, node["key"], node["known_hosts"], connect_timeout_s=5)
+    try:
+        assert t.run("echo hi; pwd", 30).stdout == f"hi\n{board.root}\n"
+        assert t.run("exit 7", 30).returncode == 7
+        (tmp_path / "f.txt").write_text("payload")
+        t.push(str(tmp_path / "f.txt"), "a/b/f.txt")                   # parents made
+        assert (board.root / "a" / "b" / "f.txt").read_text() == "payload"
+        t.pull("a/b/f.txt", str(tmp_path / "g.txt"))
+        assert (tmp_path / "g.txt").read_text() == "payload"
+        facts = t.facts()
+        assert facts["cores"] >= 1 and facts["memory_total_mb"] > 0 and facts["os"].startswith("Linux")
+        with pytest.raises(TransportError, match="did not finish in 1 s") as hung:
+            t.run("sleep 20", 1)
+        assert hung.value.retryable
+        assert t.run("echo again", 30).stdout == "again\n"               # reconnected
+        board.stop()
+        with pytest.raises(TransportError, match="connection lost|cannot connect") as lost:
+            t.run("echo x", 10)
+        assert lost.value.retryable
+        board.start()
+        assert t.run("echo back", 30).stdout == "back\n"
+        # host keys are checked: a known_hosts entry with another key is refused, not retried
+        (tmp_path / "other_known_hosts").write_text(f"[127.0.0.1]:{board.port} " + __import__("asyncssh")
+                                                    .generate_private_key("ssh-ed25519").export_public_key().decode())
+        other = SshTransport("127.0.0.1", board.port, board.user, node["key"], str(tmp_path / "other_known_hosts"),
+                             connect_timeout_s=5)
+        with pytest.raises(TransportError, match="host key not trusted") as refused:
+            other.run("echo x", 10)
+        assert not refused.value.retryable
+        other.close()
+    finally:
+        t.close()
+        board.close()
+
+
+def test_inventory_file_and_discovery(tmp_path):
+    from bluelm_v.plugins.backends import bluelm_v_devices
+    from bluelm_v.plugins.backends.inventory import read_inventory
+
+    (tmp_path / "devices.yaml").write_text(
+        "devices:\n"
+        "  - {name: jetson, transport: ssh, address: 192.0.2.7, user: ubuntu, key: keys/jetson, python: python3.10}\n"
+        "  - {name: x100, transport: adb, serial: R5CT1234ABC, num_cpus: 0}\n"
+        "  - {name: model, transport: simulated, profile: dimensity9300}\n")
+    found = read_inventory(tmp_path / "devices.yaml")
+    assert found[0] == {"name": "jetson", "backend": {"name": "ssh", "host": "192.0.2.7", "user": "ubuntu",
+                                                      "key": str(tmp_path / "keys/jetson"), "python": "python3.10"}}
+    assert found[1] == {"name": "x100", "num_cpus": 0, "backend": {"name": "adb", "serial": "R5CT1234ABC"}}
+    assert found[2]["backend"] == {"name": "simulated_npu", "profile": "dimensity9300"}
+    fake_adb = tmp_path / "adb"
+    fake_adb.write_text(f"#!/bin/sh\ncat {DATA / 'devices_many.txt'}\n")
+    fake_adb.chmod(fake_adb.stat().st_mode | stat.S_IEXEC)
+    config = {"job": {"inventory": str(tmp_path / "devices.yaml"), "discover_adb": True,
+                      "adb_defaults": {"adb_path": str(fake_adb)}}}
+    names = [d["name"] for d in bluelm_v_devices(config)]     # the inventory's phone is not listed twice
+    assert names == ["jetson", "x100", "model", "adb-10AC9F0E3B001Z"]
+    (tmp_path / "bad.yaml").write_text("devices:\n  - {name: b}\n")
+    with pytest.raises(ConfigError, match=r"devices\[0\]: a device needs 'name' and 'transport'"):
+        read_inventory(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_inventory(tmp_path / "none.yaml")

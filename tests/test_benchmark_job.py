@@ -139,6 +139,57 @@ def test_device_that_cannot_load_fails_its_cases_with_the_reason(compose, ray_cl
     assert len(phone) == 2 and all(r["status"] == "failed" for r in phone)
     assert all(r["error"].startswith("load: AdbError: adb not found") for r in phone)
     assert summary["ok"] == 2 and summary["failed"] == 2
+    assert summary["status"] == "partial" and summary["reason"].startswith("2 of 4 cases failed, 2 ok: load: AdbError")
+
+
+def test_every_case_failed_is_a_failed_job_with_the_reason(compose, ray_cluster, tmp_path):
+    devices = [{"name": "phone", "backend": {"name": "adb", "adb_path": str(tmp_path / "no-adb"), "runner": "r"}}]
+    summary = launch.run(config(compose, devices, vary={"tiles_per_batch": [2, 4]}), tmp_path)
+    assert summary["status"] == "failed" and summary["ok"] == 0 and summary["failed"] == 2
+    assert summary["reason"].startswith("every case failed (2 of 2): load: AdbError: adb not found")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_ssh_board_lost_mid_case_is_retried_failed_then_resumed(compose, ray_cluster, tmp_path):
+    """The job fans out to an SSH server on 127.0.0.1 through the real transport: the export and
+    the runner are pushed and run there. The server is stopped while the second case runs: that
+    case is retried once, then recorded failed with the reason; the finished case stays; with the
+    board back, the same run directory resumes and runs only what failed."""
+    from ssh_board import SshBoard
+
+    board = SshBoard(tmp_path / "b").start()
+    runs = []
+
+    def on_exec(command):
+        if "bluelm_v_runner.py --export" in command:
+            runs.append(command)
+            if len(runs) == 2:                       # the second case is running: the board goes away
+                threading.Timer(0.3, board.stop).start()
+
+    board.on_exec = on_exec
+    devices = [{"name": "board", "backend": board.backend_node(threads=1)}]
+    vary = {"tiles_per_batch": [1, 2, 4]}
+    base = ["job.cases.base.image=[768,768]", "job.cases.base.prompt_tokens=900", "job.cases.base.decode_tokens=3",
+            "job.cases.base.prefill_chunk=64", "job.cases.base.quantizer=null", "job.case_timeout_s=120"]
+    try:
+        first = launch.run(config(compose, devices, *base, vary=vary), tmp_path / "run")
+        recs = records(tmp_path / "run")
+        assert [r["status"] for r in recs] == ["ok", "failed", "failed"]
+        ok, lost = recs[0], recs[1]
+        assert ok["metrics"]["export_version"] == 1 and ok["metrics"]["crops"] == 5 and ok["metrics"]["tokens"]
+        assert ok["metrics"]["ttft_s"] > 0 and ok["metrics"]["peak_memory_mb"] > 0 and ok["kind"] == "real"
+        assert lost["attempts"] == 2 and lost["retryable"] and "ssh bench@127.0.0.1" in lost["error"]
+        assert first["status"] == "partial" and first["retried"] >= 1 and "2 of 3 cases failed" in first["reason"]
+        before = (tmp_path / "run" / "results.jsonl").read_text()
+        board.on_exec = None
+        board.start()
+        again = launch.run(config(compose, devices, *base, vary=vary), tmp_path / "run")
+        after = (tmp_path / "run" / "results.jsonl").read_text()
+        assert after.startswith(before) and again["ran"] == 2 and again["skipped_finished"] == 1
+        assert again["status"] == "ok" and again["ok"] == 3
+    finally:
+        board.close()
 
 
 def test_devices_that_do_not_fit_together_take_turns(compose, ray_cluster, tmp_path):

@@ -68,7 +68,7 @@ def parse_devices(text: str) -> list[AdbDeviceEntry]:
     out = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith("*") or line.lower().startswith("list of devices"):
+        if not line or line.startswith(("*", "#")) or line.lower().startswith("list of devices"):
             continue
         parts = line.split()
         if len(parts) < 2:
@@ -361,7 +361,7 @@ class AdbBackend(RunnerBackend):
             raise AdbError(f"the runner printed no metrics in the '{self.output_format}' format; "
                            f"last output: {output.strip()[-300:]!r}")
         after = self.thermal()
-        metrics.setdefault("peak_memory_mb", peak["pss_mb"] or peak["rss_mb"])
+        metrics.setdefault("peak_memory_mb", metrics.get("peak_rss_mb") or peak["pss_mb"] or peak["rss_mb"])
         metrics.update({"wall_s": wall, "thermal_before_c": before["max_c"], "thermal_after_c": after["max_c"],
                         "thermal_status": after["status"], "sampled_peak_pss_mb": peak["pss_mb"]})
         return metrics
