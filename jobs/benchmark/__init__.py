@@ -15,8 +15,10 @@ retried once on that device, then recorded as failed with the error; so is a cas
 was lost (an ssh board that stopped answering, a phone unplugged), and a resumed run repeats
 those. The summary's status is ``ok`` (every case ok), ``partial`` (some failed: counts in
 ``reason``) or ``failed`` (every case failed: the errors in ``reason``). Outputs: results.jsonl,
-summary.json, report.md (a Table-5-like table per device + sweeps), encode_vs_tiles_per_batch.png,
-prefill_vs_chunk.png.
+summary.json, report.md (a Table-5-like table per device, the base case in the columns of the AI
+Hub / ExecuTorch benchmarks, the same case on every device side by side, sweeps),
+benchmark_results.json (ExecuTorch's benchmark records), encode_vs_tiles_per_batch.png,
+prefill_vs_chunk.png, devices_compare.png.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from bluelm_v.jobs.benchmark import report
 from bluelm_v.jobs.benchmark.scheduler import Fanout
 from bluelm_v.jobs.benchmark.store import ResultStore
 from bluelm_v.errors import ConfigError
+from bluelm_v.job import write_json
 
 PROTOCOL_KEYS = ("warmup", "trials", "max_spread", "extra_trials", "cool_down_s")
 
@@ -113,11 +116,17 @@ def run(ctx) -> dict:
     loads = fan.device_info()
     per_device = {d["name"]: {**report.device_summary(d["name"], records, bases[d["name"]]), **loads[d["name"]]}
                   for d in devices}
-    pictures = report.plots(records, bases, run_dir) if job.get("plots", True) else {}
+    rows = report.anchor_rows(records, loads)
+    model = "{}+{}".format((config.get("encoder") or {}).get("preset", "?"), (config.get("llm") or {}).get("preset", "?"))
+    write_json(run_dir / "benchmark_results.json", report.executorch_records(rows, model))
+    base_ids = {name: c["id"] for name, c in bases.items()}
+    pictures = {**report.plots(records, bases, run_dir), **report.comparison_plot(rows, base_ids, run_dir)} \
+        if job.get("plots", True) else {}
     ctx.log_images(pictures)
     header = (f"{len(devices)} devices, {len(records)} of {total} cases recorded; protocol: "
               + ", ".join(f"{k}={v}" for k, v in protocol.items()) + f"; results: {store.path.name}")
-    report.write_report(run_dir / "report.md", per_device, records, bases, pictures, header)
+    report.write_report(run_dir / "report.md", per_device, records, bases, pictures, header,
+                        anchors=report.anchor_table(rows, base_ids) + "\n\n" + report.same_case_table(records, base_ids))
     findings = {name: {k: s[k] for k in ("best_tiles_per_batch", "best_prefill_chunk") if k in s}
                 for name, s in per_device.items()}
     ok, failed = sum(s["ok"] for s in per_device.values()), sum(s["failed"] for s in per_device.values())

@@ -100,7 +100,8 @@ class SimulatedNpu:
                 "llm_params": self.shapes["llm"].total_params}
 
     def describe(self) -> dict:
-        return {"backend": "simulated_npu", "kind": self.kind, "profile": self.profile_name,
+        return {"backend": "simulated_npu", "kind": self.kind, "compute_unit": "npu (simulated)",
+                "runtime": "cost model", "profile": self.profile_name,
                 "profile_values": self.profile.to_dict(), "model": self.model_source}
 
     # -- one case --------------------------------------------------------------------------
