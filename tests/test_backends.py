@@ -519,3 +519,53 @@ def test_inventory_file_and_discovery(tmp_path):
         read_inventory(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         read_inventory(tmp_path / "none.yaml")
+
+
+# -- the LLM as GGUF for llama.cpp ---------------------------------------------------------------
+def _tiny_llm():
+    return REGISTRY.create_from_config("llm", {"name": "hf_causal", "preset": "tiny"}, "llm")
+
+
+def test_gguf_export_round_trip(tmp_path):
+    """Written with the gguf package, read back: llama.cpp's keys, every tensor bit-exact (q/k rows
+    back in transformers' RoPE layout), the tied lm_head not stored twice."""
+    from bluelm_v.plugins.backends.gguf_export import export_llm_gguf, read_llm_gguf
+
+    llm = _tiny_llm()
+    export_llm_gguf(llm.model, llm.tokenizer, tmp_path / "llm.gguf")
+    meta, tensors = read_llm_gguf(tmp_path / "llm.gguf")
+    cfg = llm.model.config
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.attention.head_count_kv"],
+            meta["llama.vocab_size"]) == (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size)
+    state = llm.model.state_dict()
+    assert set(state) - set(tensors) == {"lm_head.weight"}              # tied to the embeddings
+    for name, array in tensors.items():
+        assert (array == state[name].numpy()).all(), name
+
+
+def test_gguf_llm_in_llama_cpp_gives_our_greedy_tokens(tmp_path):
+    """The exported file in llama.cpp (llama-cpp-python, the `bench` extra): the same greedy tokens
+    as transformers on the same prompt ids, and close last-position logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    import torch
+
+    from bluelm_v import chat
+    from bluelm_v.plugins.backends.gguf_export import export_llm_gguf
+
+    llm = _tiny_llm()
+    export_llm_gguf(llm.model, llm.tokenizer, tmp_path / "llm.gguf")
+    ids = chat.prompt_ids(llm.tokenizer, "Describe the screenshot in one sentence.")
+    with torch.no_grad():
+        ours = llm.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        ref_logits = llm.model(torch.tensor([ids])).logits[0, -1].numpy()
+    model = llama_cpp.Llama(str(tmp_path / "llm.gguf"), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    model.eval(ids)
+    logits = np.asarray(model.scores[len(ids) - 1])
+    theirs = []
+    for _ in range(8):
+        theirs.append(int(np.argmax(model.scores[model.n_tokens - 1])))
+        model.eval([theirs[-1]])
+    assert theirs == ours
+    assert np.abs(logits - ref_logits).max() < 1e-3 * max(1.0, np.abs(ref_logits).max())

@@ -34,14 +34,26 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def byte_alphabet() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table): printable Latin-1 bytes
+    stand for themselves, the others for chr(256 + n) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
 def token_bytes(tokenizer) -> list[bytes]:
     """The bytes each token id stands for (special tokens: none), for decoding on the device."""
     hf = getattr(tokenizer, "hf", None)
     if hf is None:
         return [bytes([i]) if i < 256 else b"" for i in range(tokenizer.vocab_size)]
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    decoder = {c: b for b, c in byte_alphabet().items()}
     special = set(getattr(hf, "all_special_ids", []) or [])
     out = []
     for i in range(len(hf)):
