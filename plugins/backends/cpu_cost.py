@@ -123,21 +123,27 @@ def llama_cpp_row(cpu: CpuProfile, work: VlmWorkload, image: tuple[int, int], pr
             "decode_bytes_per_token": weights + kv}
 
 
-def minicpm_v25_workload(registry) -> VlmWorkload:
+def minicpm_v25_workload(registry, cache: bool = True) -> VlmWorkload:
     """MiniCPM-V 2.5's shapes, read from modules built on the meta device: SigLIP so400m at 448 px
     (penultimate layer: 26 of 27 blocks, 1024 patches), Llama3-8B (32 layers, 4096 wide, 32 heads,
     8 KV heads, MLP 14336, vocabulary 128256, untied), and a one-layer cross-attention resampler
     of 96 queries from 1152 to 4096."""
-    import torch
-
     from . import workload
+    from ..llms import cache_dir
 
-    with torch.device("meta"):
-        enc = registry.create_from_config("encoder", {"name": "siglip", "preset": "so400m", "image_size": 448,
-                                                      "device": "meta"}, "minicpm.encoder")
-        llm = registry.create_from_config("llm", {"name": "hf_causal", "preset": "bluelm_3b_proxy", "device": "meta",
-                                                  "config": LLAMA3_8B}, "minicpm.llm")
-    vision, lm = workload.encoder_shape(enc), workload.llm_shape(llm.model)
+    nodes = {"encoder": {"name": "siglip", "preset": "so400m", "image_size": 448, "device": "meta"},
+             "llm": {"name": "hf_causal", "preset": "bluelm_3b_proxy", "device": "meta", "config": LLAMA3_8B}}
+
+    def measure() -> dict:                     # modules on the meta device: shapes, no memory
+        import torch
+
+        with torch.device("meta"):
+            enc = registry.create_from_config("encoder", nodes["encoder"], "minicpm.encoder")
+            llm = registry.create_from_config("llm", nodes["llm"], "minicpm.llm")
+        return {"encoder": workload.encoder_shape(enc), "llm": workload.llm_shape(llm.model)}
+
+    shapes = workload.cached_shapes(nodes, registry, measure, cache_dir() if cache else None)
+    vision, lm = shapes["encoder"], shapes["llm"]
     d, q, kv_in, patches = LLAMA3_8B["hidden_size"], 96, vision.hidden, vision.tokens_per_item
     resampler_params = kv_in * d + 4 * d * d + q * d
     resampler_flops = 2.0 * (patches * kv_in * d + 2 * patches * d * d + 2 * q * d * d) + 4.0 * q * patches * d
