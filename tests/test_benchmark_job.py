@@ -113,17 +113,17 @@ def test_killed_actor_loses_no_finished_case(compose, ray_cluster, tmp_path):
 
 
 def test_hung_case_is_retried_once_then_recorded_failed(compose, ray_cluster, tmp_path):
-    """A simulated phone replaying its latency in real time: the 2:4 image (~2.2 s) exceeds the
-    1.5 s timeout twice and is recorded failed; the small images before and after it (~0.7 s)
-    finish, the last one on the replacement actor."""
+    """A simulated phone replaying its latency in real time: the 2:4 image (~7.1 s) exceeds the
+    4 s timeout twice and is recorded failed; the small images before and after it (~1.8 and
+    ~2.3 s) finish, the last one on the replacement actor."""
     devices = [{"name": "slow", "backend": {**SIM, "realtime_scale": 1.0}}]
-    cfg = config(compose, devices, "job.case_timeout_s=1.5", "job.cases.base.prompt_tokens=64",
+    cfg = config(compose, devices, "job.case_timeout_s=4", "job.cases.base.prompt_tokens=64",
                  "job.cases.base.decode_tokens=0", "job.cases.base.image=[384,384]",
                  vary={"image": [[384, 384], [768, 1536], [512, 384]]})
     summary = launch.run(cfg, tmp_path)
     recs = {tuple(r["case"]["image"]): r for r in records(tmp_path)}
     hung = recs[(768, 1536)]
-    assert hung["status"] == "failed" and hung["attempts"] == 2 and "timed out after 1.5 s" in hung["error"]
+    assert hung["status"] == "failed" and hung["attempts"] == 2 and "timed out after 4 s" in hung["error"]
     assert recs[(384, 384)]["status"] == "ok" and recs[(512, 384)]["status"] == "ok"
     assert recs[(512, 384)]["pid"] != recs[(384, 384)]["pid"]
     assert summary["failed"] == 1 and summary["retried"] == 1 and summary["actor_restarts"] == 2
