@@ -168,8 +168,8 @@ def test_ssh_board_lost_mid_case_is_retried_failed_then_resumed(compose, ray_clu
                 threading.Timer(0.3, board.stop).start()
 
     board.on_exec = on_exec
-    devices = [{"name": "board", "backend": board.backend_node(threads=1)}]
-    vary = {"tiles_per_batch": [1, 2, 4]}
+    devices = [{"name": "board", "backend": board.backend_node(threads=1, export_dir=str(tmp_path / "export"))}]
+    vary = {"seed": [1, 2]}                          # other images, the same graphs: exported once
     base = ["job.cases.base.image=[768,768]", "job.cases.base.prompt_tokens=900", "job.cases.base.decode_tokens=3",
             "job.cases.base.prefill_chunk=64", "job.cases.base.quantizer=null", "job.case_timeout_s=120"]
     try:
