@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bluelm_v.nn.kv_cache import dequantize_per_token, quantize_per_token
+
 
 class VisionGraph(torch.nn.Module):
     def __init__(self, model):
@@ -37,8 +39,9 @@ def _rotate_half(x):
 class LlamaStep(torch.nn.Module):
     """A functional Llama step over a static KV buffer (see the module docstring)."""
 
-    def __init__(self, hf_model, max_len: int):
+    def __init__(self, hf_model, max_len: int, kv_int8: bool = False):
         super().__init__()
+        self.kv_int8 = kv_int8
         base, cfg = hf_model.model, hf_model.config
         self.layers, self.norm, self.lm_head = base.layers, base.norm, hf_model.lm_head
         self.heads = cfg.num_attention_heads
@@ -71,6 +74,8 @@ class LlamaStep(torch.nn.Module):
             v = attn.v_proj(h).view(1, r, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
+            if self.kv_int8:                                                 # as the INT8 cache stores them
+                k, v = (dequantize_per_token(*quantize_per_token(t), t.dtype) for t in (k, v))
             kc = k_cache[i] * keep + torch.matmul(onehot, k[0])              # [KV,M,d]
             vc = v_cache[i] * keep + torch.matmul(onehot, v[0])
             new_k.append(kc)
@@ -108,8 +113,8 @@ def cache_shape(hf_model, max_len: int) -> tuple[int, int, int, int]:
     return (len(step.layers), step.kv_heads, max_len, step.head_dim)
 
 
-def export_llm_step(hf_model, rows: int, max_len: int, path, opset: int = 17) -> str:
-    step = LlamaStep(hf_model, max_len).eval()
+def export_llm_step(hf_model, rows: int, max_len: int, path, opset: int = 17, kv_int8: bool = False) -> str:
+    step = LlamaStep(hf_model, max_len, kv_int8).eval()
     d = hf_model.config.hidden_size
     k = torch.zeros(cache_shape(hf_model, max_len))
     args = (torch.zeros(1, rows, d), k, k.clone(), torch.zeros(1, dtype=torch.long),

@@ -13,7 +13,12 @@ graphs it uses (measured when each was first made).
 Quantizer settings: a part whose weights the setting makes integer (see precision.py) gets
 ONNX Runtime's dynamic INT8 quantisation (MatMulInteger). INT4 (MatMulNBits) needs the extra
 package onnx_ir, so INT4 parts also run as INT8 here; ``ort_weights`` in the results says what ran.
-KV-cache and activation settings are not modelled (fp32 cache, fp32 activations).
+``a16`` (also inside bluelm_mixed) is exported into the graphs: the quantizer's own rounding
+hooks are on the torch modules while they are traced, so each targeted linear layer's input is
+rounded in the graph (an INT8 graph then also rounds activations to 8 bits, per MatMulInteger).
+``kv8`` rounds every new K/V row to INT8 codes x fp16 scales in the graph, the values an INT8
+cache holds; the buffer passed between steps stays fp32. ``ort_a16`` (the parts rounded) and
+``ort_kv8`` in the results say what ran. Graphs are cached per setting.
 
 Each case also checks the ONNX outputs against torch on the same fp32 weights: visual tokens,
 last-position prefill logits, and the greedy tokens (``check_*`` fields; ``check_ok`` uses
@@ -21,13 +26,19 @@ last-position prefill logits, and the greedy tokens (``check_*`` fields; ``check
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .inputs import PeakSampler, prompt_for, synthetic_image
+from .local_torch import _nodes
 from .precision import precision_plan
+
+VISION_PARTS = ("encoder", "downsampler", "projector")
 
 
 class OnnxRuntimeBackend:
@@ -51,6 +62,7 @@ class OnnxRuntimeBackend:
         self._tmp = None if self.export_dir else tempfile.TemporaryDirectory(prefix="bluelm_v_onnx_")
         self.dir = Path(self.export_dir or self._tmp.name)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
         self.model = BlueLMV.from_config(cfg, registry).float().eval()
         self.hf = self.model.llm.model
         self.table = self.hf.get_input_embeddings().weight.detach().float().numpy()   # [V, D]
@@ -93,16 +105,43 @@ class OnnxRuntimeBackend:
             self.sessions[key] = (session, time.perf_counter() - t0)
         return self.sessions[key]
 
-    def _vision(self, tiles: int, int8: bool):
+    def _vision(self, tiles: int, int8: bool, tag: str = ""):
         from .onnx_export import export_vision
-        return self._session(f"vision_b{tiles}", lambda p: export_vision(self.model, tiles, p, self.opset), int8)
+        return self._session(f"vision_b{tiles}{tag}", lambda p: export_vision(self.model, tiles, p, self.opset), int8)
 
-    def _llm(self, rows: int, max_len: int, int8: bool):
+    def _llm(self, rows: int, max_len: int, int8: bool, tag: str = "", kv8: bool = False):
         from .onnx_export import export_llm_step
-        return self._session(f"llm_r{rows}_m{max_len}", lambda p: export_llm_step(self.hf, rows, max_len, p, self.opset), int8)
+        return self._session(f"llm_r{rows}_m{max_len}{tag}{'_kv8' if kv8 else ''}",
+                             lambda p: export_llm_step(self.hf, rows, max_len, p, self.opset, kv8), int8)
+
+    @contextmanager
+    def _emulated(self, quantizer):
+        """The case's a16 hooks on the torch model (traced into graphs made meanwhile) ->
+        (parts rounded, graph-name tag, kv8); the hooks are removed afterwards."""
+        from bluelm_v.nn.activation_quant import activation_quant_of, remove_activation_quant
+
+        steps = []
+        for node in _nodes(quantizer):
+            q = self.registry.create_from_config("quantizer", node, "case.quantizer")
+            steps += getattr(q, "steps", [q])
+        a16 = [s for s in steps if s.name == "a16"]
+        try:
+            for step in a16:
+                step.apply(self.model)
+            parts = [p for p in (*VISION_PARTS, "llm")
+                     if any(activation_quant_of(m) is not None for m in getattr(self.model, p).modules())]
+            digest = hashlib.sha1(json.dumps([s.settings() for s in a16], sort_keys=True).encode()).hexdigest()[:8]
+            yield parts, f"_a{digest}", any(s.name == "kv8" for s in steps)
+        finally:
+            for m in self.model.modules():
+                remove_activation_quant(m)
 
     # -- one case --------------------------------------------------------------------------
     def run_case(self, case: dict) -> dict:
+        with self._emulated(case.get("quantizer")) as settings:
+            return self._run_case(case, *settings)
+
+    def _run_case(self, case: dict, a16_parts: list, tag: str, kv8: bool) -> dict:
         import numpy as np
         import torch
 
@@ -110,6 +149,8 @@ class OnnxRuntimeBackend:
 
         plan = precision_plan(case.get("quantizer"))
         v8, l8 = plan["encoder"].weight_bits < 16, plan["llm"].weight_bits < 16
+        v_tag = tag if set(a16_parts) & set(VISION_PARTS) else ""
+        l_tag = tag if "llm" in a16_parts else ""
         tpb, chunk, n_new = int(case["tiles_per_batch"]), int(case["prefill_chunk"]), int(case["decode_tokens"])
         image = synthetic_image(*case["image"], seed=int(case.get("seed") or 0))
         crops = self.model.tiler.transform(image)
@@ -120,7 +161,8 @@ class OnnxRuntimeBackend:
         ids = chat.prompt_ids(tok, prompt)
         length = len(ids) - 1 + crops.n_crops * self.model.tokens_per_crop    # the sentinel becomes K*T'
         max_len = -(-length // chunk) * chunk + max(n_new, 1)
-        graphs = [self._vision(tpb, v8), self._llm(chunk, max_len, l8), self._llm(1, max_len, l8)]
+        graphs = [self._vision(tpb, v8, v_tag), self._llm(chunk, max_len, l8, l_tag, kv8),
+                  self._llm(1, max_len, l8, l_tag, kv8)]
         (vision, _), (prefill, _), (decode, _) = graphs     # exported + compiled outside the timed region
         with PeakSampler() as mem:
             t0 = time.perf_counter()
@@ -160,19 +202,24 @@ class OnnxRuntimeBackend:
                    "decode_tokens_per_s": (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 else None,
                    "peak_memory_mb": mem.peak_mb, "ort_weights": {"vision": "int8" if v8 else "fp32",
                                                                   "llm": "int8" if l8 else "fp32"},
-                   "simulated": False}
+                   "ort_a16": a16_parts, "ort_kv8": kv8, "simulated": False}
         if self.check_outputs:
-            metrics.update(self._check(crops.pixels, features, embeds, first_logits, tokens, v8 or l8))
+            metrics.update(self._check(crops.pixels, features, embeds, first_logits, tokens, v8 or l8, kv8))
         return metrics
 
-    def _check(self, pixels, features, embeds, logits, tokens, quantized: bool) -> dict:
-        """Torch on the same fp32 weights: visual tokens, prefill logits, greedy tokens."""
+    def _check(self, pixels, features, embeds, logits, tokens, quantized: bool, kv8: bool = False) -> dict:
+        """Torch on the same fp32 weights and the same a16/kv8 settings: visual tokens, prefill
+        logits, greedy tokens."""
         import torch
 
+        cache = None
+        if kv8:
+            from bluelm_v.nn.kv_cache_hf import Int8KVCache
+            cache = Int8KVCache(max_tokens=embeds.shape[1] + len(tokens))
         with torch.no_grad():
             ref_feat = self.model.encode_images(pixels.float()).float()           # [K*T', D]
             emb = torch.from_numpy(embeds)
-            out = self.hf(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
+            out = self.hf(inputs_embeds=emb, use_cache=True, logits_to_keep=1, past_key_values=cache)
             ref_logits, cache = out.logits[0, -1].float(), out.past_key_values
             ref_tokens = [int(ref_logits.argmax())]
             for _ in range(len(tokens) - 1):

@@ -17,6 +17,11 @@ Engines (the modules beside this one; torch is imported only when one is created
           C-helper CPU path (fast_cpu.py) for fp32 on CPU
   triton  TritonDecodeEngine: the fast engine with the decode step as Triton kernels (CUDA)
   auto    fast where the model is Llama-family and supported, else hf
+
+Quantizer settings: hf, fast and auto honour every one the model carries (w4/w8 layers run as
+modules, a16 activation rounding hooks run, kv8 gives an INT8 cache). triton runs plain weights
+only: a quantised model (or any model its kernels cannot take) is refused with one line naming
+the setting, never run silently on another step.
 """
 from __future__ import annotations
 
@@ -77,10 +82,24 @@ def triton(model, tune: bool = True, tune_budget_s: float = 150.0, pdl: bool = T
            prefetch: bool = True, configs: dict | None = None, fuse: bool = True):
     """The fast engine with its decode step as one CUDA graph of Triton kernels (5-6 a layer),
     block shapes tuned per call site at the first decode (``tune``)."""
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.plugins.quantizers.schemes import applied_settings
+
     from .triton_step import TritonDecodeEngine
 
-    return TritonDecodeEngine(model, configs=configs, tune=tune, tune_budget_s=tune_budget_s,
-                              pdl=pdl, prefetch=prefetch, fuse=fuse)
+    settings = applied_settings(model)
+    if settings:
+        found = ", ".join(f"{k} (at {v})" for k, v in settings.items())
+        raise ConfigError(f"engine=triton cannot honour quantizer setting(s) {found}: its Triton decode "
+                          "step runs plain weights and an fp KV cache only; use engine=fast (or auto) with "
+                          "this quantizer, or quantizer=none with engine=triton")
+    engine = TritonDecodeEngine(model, configs=configs, tune=tune, tune_budget_s=tune_budget_s,
+                                pdl=pdl, prefetch=prefetch, fuse=fuse)
+    if not engine.triton_ok:
+        raise ConfigError(f"engine=triton cannot run this LLM ({type(model).__name__}, {engine.dtype}, head_dim "
+                          f"{engine.head_dim}) as Triton kernels: they need bias-free Llama layers, an "
+                          "nn.Linear head, fp32/bf16/fp16 and a power-of-two head_dim; use engine=fast")
+    return engine
 
 
 def make_engine(model, kind: str = "auto", **options):
