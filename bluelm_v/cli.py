@@ -34,6 +34,8 @@ def _plugins(args) -> int:
                 print(f"\n{cur}:")
             mark = "  CLASH" if r.get("clash") else ""
             print(f"  {r['name']:<{width}}  {r['provider']:<14}  {r['description']}{mark}")
+        if report.blocked or report.skipped_autoload:
+            print(f"\nnot loaded: blocked {report.blocked or '[]'}, autoload off {report.skipped_autoload or '[]'}")
     for line in report.clashes:
         print(f"warning: {line}: using that name fails until one is uninstalled or blocked "
               "(plugins.block=[NAME])", file=sys.stderr)

@@ -248,8 +248,7 @@ class Registry:
 
 
 class Registries:
-    """All eight families: ``registry.tiler``, ``registry.encoder``, ... (plus any extra family
-    a plugin adds with :meth:`add_family`)."""
+    """All eight families: ``registry.tiler``, ``registry.encoder``, ..."""
 
     def __init__(self, families=FAMILIES):
         self.current_provider = Provider()
@@ -265,9 +264,6 @@ class Registries:
         if family not in self._families:
             raise ConfigError(f"no component family '{family}'; families: {', '.join(self._families)}")
         return self._families[family]
-
-    def add_family(self, family: str) -> Registry:
-        return self._families.setdefault(family, Registry(family, self))
 
     def families(self) -> list[str]:
         return list(self._families)

@@ -245,3 +245,12 @@ def test_strict_mode_makes_import_failure_fatal(monkeypatch):
     assert len(reg.tiler) >= 1
     with pytest.raises(PluginLoadError, match="badplug"):
         load_plugins(autoload=True, strict=True)
+
+
+def test_engine_factories_survive_their_modules_being_imported():
+    import bluelm_v.plugins.engines.fast  # noqa: F401 -- makes `fast` a package attribute
+    import bluelm_v.plugins.engines.hf  # noqa: F401
+
+    _, reg, _ = load_plugins(autoload=False)
+    for name in reg.engine.names():
+        assert callable(reg.engine.entry(name).factory) and reg.engine.describe(name)["parameters"]["model"]

@@ -259,6 +259,9 @@ class Composite(Quantizer):
         return model
 
 
+SETTING_LABELS = {"w4": "INT4 weights", "w8": "INT8 weights", "a16": "integer activations", "kv8": "INT8 KV cache"}
+
+
 def applied_settings(model: nn.Module) -> dict[str, str]:
     """The quantizer settings a model carries -> where the first sign of each is: ``w4`` /
     ``w8`` (integer linear layers or embedding tables of that width), ``a16`` (activation
@@ -271,8 +274,13 @@ def applied_settings(model: nn.Module) -> dict[str, str]:
         if activation_quant_of(m) is not None:
             found.setdefault("a16", name or "the model")
     if kv_cache_kind(model) == "int8":
-        found["kv8"] = "the KV cache"
+        found["kv8"] = "the model's KV cache"
     return found
+
+
+def describe_settings(found: dict[str, str]) -> str:
+    """``applied_settings`` as one phrase: "w4 (INT4 weights, e.g. model.layers.0.mlp.up_proj), ..."."""
+    return ", ".join(f"{k} ({SETTING_LABELS.get(k, 'quantised')}, e.g. {v})" for k, v in sorted(found.items()))
 
 
 def weight_bytes(module: nn.Module) -> dict:

@@ -1,0 +1,132 @@
+"""No quantizer setting silently ignored: every engine and the ONNX Runtime backend either
+applies the a16 / kv8 / w4 settings a model carries (its outputs match the model's own forward
+with the same setting, and differ from the model without it) or refuses them with one line
+naming the setting and the engine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bluelm_v import plugin_manager
+from bluelm_v.errors import ConfigError
+
+REGISTRY = plugin_manager.get()[1]
+# 4-bit activations (a difference no numerical noise explains), one scale per row: the result
+# does not depend on how the prompt is chunked, so one unchunked forward is the reference
+A16 = {"name": "a16", "bits": 4, "granularity": "token"}
+
+
+def tiny_llm(dtype: str, settings=()):
+    llm = REGISTRY.llm.create("hf_causal", preset="tiny", dtype=dtype, seed=3)
+    for node in settings:
+        REGISTRY.create_from_config("quantizer", node, "quantizer").apply(llm)
+    return llm
+
+
+def own_forward(llm, embeds, kv8: bool) -> torch.Tensor:
+    """[V] last logits of the model's own transformers forward (hooks run; INT8 cache if kv8)."""
+    cache = None
+    if kv8:
+        from bluelm_v.nn.kv_cache_hf import Int8KVCache
+        cache = Int8KVCache(max_tokens=embeds.shape[1])
+    with torch.no_grad():
+        return llm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=kv8).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("engine, dtype, options, settings", [
+    ("hf", "float32", {}, [A16, {"name": "kv8"}]),
+    ("hf", "bfloat16", {}, [A16]),
+    ("fast", "float32", {}, [A16, {"name": "kv8"}]),                     # the C-helper CPU path
+    ("fast", "float32", {"attention": "matmul"}, [A16]),                 # module path, fused q|k|v
+    ("fast", "bfloat16", {}, [A16]),                                     # raw-weight layer path
+    ("fast", "float32", {}, [{"name": "w4", "group_size": 32}, A16]),    # INT4 layers + hooks
+    ("auto", "bfloat16", {}, [A16, {"name": "kv8"}]),
+], ids=["hf-a16-kv8", "hf-bf16-a16", "fast-cpu-a16-kv8", "fast-matmul-a16", "fast-bf16-a16",
+        "fast-w4-a16", "auto-bf16-a16-kv8"])
+def test_engine_applies_the_settings_the_model_carries(engine, dtype, options, settings):
+    kv8 = any(s["name"] == "kv8" for s in settings)
+    plain = tiny_llm(dtype, [s for s in settings if s["name"] == "w4"])
+    llm = tiny_llm(dtype, settings)
+    gen = torch.Generator().manual_seed(0)
+    embeds = (torch.randn(1, 11, llm.hidden_size, generator=gen) * 0.5).to(plain.model.dtype)   # [1,L,D]
+    without, wanted = own_forward(plain, embeds, False), own_forward(llm, embeds, kv8)
+    eng = REGISTRY.create_from_config("engine", {"name": engine, **options}, "engine", model=llm.model)
+    eng.begin(16)
+    got = eng.prefill(embeds, 5)                                          # chunks 5 + 5 + 1
+    effect = float((wanted - without).abs().max())
+    error = float((got - wanted).abs().max())
+    assert effect > 0.05, effect                                          # the settings change the logits
+    assert error < 0.1 * effect, (error, effect)                          # ... and the engine applied them
+    if kv8:
+        assert "Int8" in type(eng.cache).__name__
+
+
+@pytest.mark.parametrize("setting, shown", [(A16, "a16"), ({"name": "kv8"}, "kv8"),
+                                            ({"name": "w4", "group_size": 32}, "w4")])
+def test_triton_engine_refuses_a_quantised_model_naming_the_setting(setting, shown):
+    from bluelm_v.plugins.engines import triton_engine
+
+    assert REGISTRY.engine.entry("triton").factory is triton_engine
+    llm = tiny_llm("float32", [setting])
+    with pytest.raises(ConfigError) as err:
+        triton_engine(llm.model, tune=False)
+    msg = str(err.value)
+    assert msg.startswith("engine=triton cannot honour quantizer setting(s) ") and f" {shown} (" in msg
+    assert "engine=fast" in msg and "\n" not in msg
+
+
+# -- ONNX Runtime ------------------------------------------------------------------------------
+TINY_CFG = {"tiler": {"name": "relaxed", "max_grid": 2}, "encoder": {"name": "siglip", "preset": "tiny"},
+            "downsampler": {"name": "vila_2x2"}, "projector": {"name": "mlp2x_gelu"},
+            "llm": {"name": "hf_causal", "preset": "tiny"}, "plugins": {}}
+CASE = {"image": [384, 384], "tiles_per_batch": 2, "prefill_chunk": 64, "prompt_tokens": 450,
+        "decode_tokens": 3, "quantizer": None}
+
+
+def op_counts(path) -> dict:
+    import onnx
+
+    counts: dict = {}
+    for node in onnx.load(str(path)).graph.node:
+        key = node.op_type
+        if key == "Cast":
+            key = f"Cast:{onnx.TensorProto.DataType.Name(node.attribute[0].i)}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_onnxruntime_graphs_apply_a16_and_kv8(tmp_path):
+    from bluelm_v.plugins.backends.onnx_runtime import OnnxRuntimeBackend
+
+    b = OnnxRuntimeBackend(export_dir=str(tmp_path), check_rtol=2e-3)
+    b.load(TINY_CFG, REGISTRY)
+    plain = b.run_case(CASE)
+    a16 = b.run_case({**CASE, "quantizer": A16})
+    kv8 = b.run_case({**CASE, "quantizer": {"name": "kv8"}})
+    assert (plain["ort_a16"], plain["ort_kv8"]) == ([], False)
+    assert (a16["ort_a16"], a16["ort_kv8"]) == (["llm"], False)
+    assert (kv8["ort_a16"], kv8["ort_kv8"]) == ([], True)
+    # each graph matches torch with the same setting (its hooks, its INT8 cache): the rounding
+    # of 4-bit activations is far above check_rtol, so a graph without it would fail the check
+    for m in (plain, a16, kv8):
+        assert m["check_ok"] and m["check_first_token_match"], m
+    graphs = {p.name: op_counts(p) for p in tmp_path.glob("llm_r64_*.onnx")}
+    rounded = [n for n in graphs if "_a" in n]
+    assert len(rounded) == 1 and graphs[rounded[0]].get("Round", 0) >= 15   # 2 layers x 7 + head
+    cached = [n for n in graphs if n.endswith("_kv8.onnx")]
+    assert len(cached) == 1 and graphs[cached[0]].get("Cast:INT8", 0) == 4   # k and v of 2 layers
+    plain_graph = [n for n in graphs if n not in rounded + cached]
+    assert len(plain_graph) == 1 and "Round" not in graphs[plain_graph[0]]
+    # the rounding matters at this tolerance: the same prefill input through both graphs
+    import numpy as np
+
+    sessions = {name: s for (name, _), (s, _) in b.sessions.items()}
+    x = (0.3 * np.sin(np.arange(64 * 64, dtype=np.float32))).reshape(1, 64, 64)          # [1,R,D]
+    logits = []
+    for name in (plain_graph[0], rounded[0]):
+        s = sessions[name[:-5]]
+        k = np.zeros(tuple(s.get_inputs()[1].shape), np.float32)
+        logits.append(s.run(None, {"embeds": x, "k_cache": k, "v_cache": k.copy(), "start": np.array([0]),
+                                   "last": np.array([63])})[0])
+    assert float(np.abs(logits[0] - logits[1]).max()) > 5 * 2e-3
+    b.close()
