@@ -11,13 +11,15 @@ from bluelm_v import plugin_manager
 from bluelm_v.errors import ConfigError
 
 REGISTRY = plugin_manager.get()[1]
-# 4-bit activations (a difference no numerical noise explains), one scale per row: the result
-# does not depend on how the prompt is chunked, so one unchunked forward is the reference
-A16 = {"name": "a16", "bits": 4, "granularity": "token"}
+# 4-bit activations (a difference no numerical noise explains), one scale per row (the result
+# does not depend on how the prompt is chunked, so one unchunked forward is the reference); the
+# head is left out so the difference comes from the decoder layers, where engines read weights
+A16 = {"name": "a16", "bits": 4, "granularity": "token", "skip": ["*lm_head"]}
 
 
 def tiny_llm(dtype: str, settings=()):
-    llm = REGISTRY.llm.create("hf_causal", preset="tiny", dtype=dtype, seed=3)
+    """The tiny Llama with weights large enough (std 0.1) that its layers shape the logits."""
+    llm = REGISTRY.llm.create("hf_causal", preset="tiny", dtype=dtype, seed=3, config={"initializer_range": 0.1})
     for node in settings:
         REGISTRY.create_from_config("quantizer", node, "quantizer").apply(llm)
     return llm
@@ -33,15 +35,28 @@ def own_forward(llm, embeds, kv8: bool) -> torch.Tensor:
         return llm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=kv8).logits[0, -1].float()
 
 
+def count_calls(model) -> dict:
+    """name -> calls, for every module carrying an a16 rounding hook (counted from now on)."""
+    from bluelm_v.nn.activation_quant import activation_quant_of
+
+    calls: dict = {}
+    for name, m in model.named_modules():
+        if activation_quant_of(m) is not None:
+            calls[name] = 0
+            m.register_forward_pre_hook(lambda mod, args, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
 @pytest.mark.parametrize("engine, dtype, options, settings", [
     ("hf", "float32", {}, [A16, {"name": "kv8"}]),
     ("hf", "bfloat16", {}, [A16]),
-    ("fast", "float32", {}, [A16, {"name": "kv8"}]),                     # the C-helper CPU path
+    ("fast", "float32", {}, [A16, {"name": "kv8"}]),                     # INT8 cache: module path
+    ("fast", "float32", {}, [A16]),                                      # the C-helper CPU path
     ("fast", "float32", {"attention": "matmul"}, [A16]),                 # module path, fused q|k|v
     ("fast", "bfloat16", {}, [A16]),                                     # raw-weight layer path
     ("fast", "float32", {}, [{"name": "w4", "group_size": 32}, A16]),    # INT4 layers + hooks
     ("auto", "bfloat16", {}, [A16, {"name": "kv8"}]),
-], ids=["hf-a16-kv8", "hf-bf16-a16", "fast-cpu-a16-kv8", "fast-matmul-a16", "fast-bf16-a16",
+], ids=["hf-a16-kv8", "hf-bf16-a16", "fast-a16-kv8", "fast-cpu-a16", "fast-matmul-a16", "fast-bf16-a16",
         "fast-w4-a16", "auto-bf16-a16-kv8"])
 def test_engine_applies_the_settings_the_model_carries(engine, dtype, options, settings):
     kv8 = any(s["name"] == "kv8" for s in settings)
@@ -51,12 +66,14 @@ def test_engine_applies_the_settings_the_model_carries(engine, dtype, options, s
     embeds = (torch.randn(1, 11, llm.hidden_size, generator=gen) * 0.5).to(plain.model.dtype)   # [1,L,D]
     without, wanted = own_forward(plain, embeds, False), own_forward(llm, embeds, kv8)
     eng = REGISTRY.create_from_config("engine", {"name": engine, **options}, "engine", model=llm.model)
+    calls = count_calls(llm.model)
     eng.begin(16)
     got = eng.prefill(embeds, 5)                                          # chunks 5 + 5 + 1
+    assert len(calls) == 2 * 7 and all(n >= 3 for n in calls.values()), calls   # every hooked layer ran
     effect = float((wanted - without).abs().max())
-    error = float((got - wanted).abs().max())
-    assert effect > 0.05, effect                                          # the settings change the logits
-    assert error < 0.1 * effect, (error, effect)                          # ... and the engine applied them
+    assert effect > 0.2, effect                                           # the settings change the logits
+    if dtype == "float32":                                                # ... and the engine applied them
+        assert float((got - wanted).abs().max()) < 1e-3 * effect
     if kv8:
         assert "Int8" in type(eng.cache).__name__
 
@@ -101,7 +118,7 @@ def test_onnxruntime_graphs_apply_a16_and_kv8(tmp_path):
     b = OnnxRuntimeBackend(export_dir=str(tmp_path), check_rtol=2e-3)
     b.load(TINY_CFG, REGISTRY)
     plain = b.run_case(CASE)
-    a16 = b.run_case({**CASE, "quantizer": A16})
+    a16 = b.run_case({**CASE, "quantizer": {"name": "a16", "bits": 4, "granularity": "token"}})
     kv8 = b.run_case({**CASE, "quantizer": {"name": "kv8"}})
     assert (plain["ort_a16"], plain["ort_kv8"]) == ([], False)
     assert (a16["ort_a16"], a16["ort_kv8"]) == (["llm"], False)
