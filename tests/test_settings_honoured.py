@@ -17,9 +17,10 @@ REGISTRY = plugin_manager.get()[1]
 A16 = {"name": "a16", "bits": 4, "granularity": "token", "skip": ["*lm_head"]}
 
 
-def tiny_llm(dtype: str, settings=()):
+def tiny_llm(dtype: str, settings=(), device: str = "cpu"):
     """The tiny Llama with weights large enough (std 0.1) that its layers shape the logits."""
-    llm = REGISTRY.llm.create("hf_causal", preset="tiny", dtype=dtype, seed=3, config={"initializer_range": 0.1})
+    llm = REGISTRY.llm.create("hf_causal", preset="tiny", dtype=dtype, seed=3, config={"initializer_range": 0.1},
+                              device=device)
     for node in settings:
         REGISTRY.create_from_config("quantizer", node, "quantizer").apply(llm)
     return llm
@@ -76,6 +77,23 @@ def test_engine_applies_the_settings_the_model_carries(engine, dtype, options, s
         assert float((got - wanted).abs().max()) < 1e-3 * effect
     if kv8:
         assert "Int8" in type(eng.cache).__name__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CUDA-graph decode step)")
+def test_fast_engine_on_cuda_rounds_activations_in_prefill_and_in_the_graph_step():
+    llm = tiny_llm("float32", [A16], device="cuda")
+    embeds = torch.randn(1, 11, llm.hidden_size, generator=torch.Generator().manual_seed(0)).cuda() * 0.5
+    wanted = own_forward(llm, embeds, False)
+    graph = REGISTRY.engine.create("fast", model=llm.model, cuda_graph=True)
+    calls = count_calls(llm.model)
+    graph.begin(32)
+    got = graph.prefill(embeds, 5)
+    assert all(n >= 3 for n in calls.values()) and float((got - wanted).abs().max()) < 1e-3
+    tokens = graph.steps(int(got.argmax()), 6)                            # replays of the captured step
+    eager = REGISTRY.engine.create("fast", model=llm.model, cuda_graph=False)
+    eager.begin(32)
+    eager.prefill(embeds, 5)
+    assert tokens == eager.steps(int(got.argmax()), 6)                    # hooks run in every eager step
 
 
 @pytest.mark.parametrize("setting, shown", [(A16, "a16"), ({"name": "kv8"}, "kv8"),
