@@ -261,7 +261,7 @@ def _has(obj: Any, name: str) -> bool:
 
 def contract_problems(family: str, obj: Any) -> list[str]:
     """What ``obj`` (a component, or a class of components) lacks of its family's contract:
-    ["missing transform", "forward does not accept keyword tiles_per_batch=", ...]; [] when it
+    ["missing transform()", "forward() does not accept keyword tiles_per_batch=", ...]; [] when it
     conforms or the family has no contract. A class is checked for its methods only (its data
     attributes are set when an instance is made)."""
     protocol = CONTRACTS.get(family)
