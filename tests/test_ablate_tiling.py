@@ -153,7 +153,7 @@ def test_validate_names_the_bad_key(ablation_cfg, tmp_path):
 
 
 class HalfTiler:
-    """A minimal third-party tiler: scalar select only (no select_many), two tiles when wide."""
+    """A minimal third-party tiler (bluelm_v.types.Tiler, no optional members): two tiles when wide."""
 
     def __init__(self, tile_size: int = 384):
         self.tile_size = tile_size
@@ -161,8 +161,15 @@ class HalfTiler:
     def select(self, width, height):
         return (2, 1) if width > height else (1, 1)
 
+    def select_many(self, widths, heights):
+        wide = np.asarray(widths) > np.asarray(heights)
+        return np.where(wide, 2, 1), np.ones(len(wide), np.int64)
+
     def num_crops(self, m, n):
         return m * n
+
+    def transform(self, image):
+        raise NotImplementedError("the ablation only selects grids")
 
 
 class HalfPlugin:

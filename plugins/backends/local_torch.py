@@ -26,6 +26,7 @@ from bluelm_v.errors import ConfigError
 
 from .inputs import PeakSampler, prompt_for, synthetic_image
 from .precision import precision_plan
+from ..quantizers import quantizer_nodes as _nodes
 
 UNSET = object()
 
@@ -176,16 +177,6 @@ class LocalTorch:
             self.gen.close()
         self.gen = self.model = None
         self._variant = UNSET
-
-
-def _nodes(quantizer) -> list:
-    if quantizer is None:
-        return []
-    if hasattr(quantizer, "_metadata"):
-        from omegaconf import OmegaConf
-        quantizer = OmegaConf.to_container(quantizer, resolve=True)
-    nodes = quantizer if isinstance(quantizer, (list, tuple)) else [quantizer]
-    return [{"name": n} if isinstance(n, str) else n for n in nodes]
 
 
 def _key(quantizer) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .inputs import PeakSampler, prompt_for, synthetic_image
 from .precision import precision_plan
+from ..quantizers import quantizer_nodes
 
 
 class OnnxRuntimeBackend:
@@ -55,6 +56,7 @@ class OnnxRuntimeBackend:
         t0 = time.perf_counter()
         self._tmp = None if self.export_dir else tempfile.TemporaryDirectory(prefix="bluelm_v_onnx_")
         self.dir = Path(self.export_dir or self._tmp.name)
+        self.registry = registry
         self.model = BlueLMV.from_config(cfg, registry).float().eval()
         self.hf = self.model.llm.model
         self.export = Export(self.model, self.dir, self.opset)
@@ -71,6 +73,8 @@ class OnnxRuntimeBackend:
     # -- one case --------------------------------------------------------------------------
     def run_case(self, case: dict) -> dict:
         import torch
+
+        refuse_unsupported(self.registry, case.get("quantizer"))
 
         from bluelm_v import chat
         from bluelm_v.runner import cache_length, crop_count, preprocess, read_manifest
@@ -136,3 +140,21 @@ class OnnxRuntimeBackend:
         if getattr(self, "_tmp", None) is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+UNSUPPORTED = {"a16": "INT16 activation rounding", "kv8": "an INT8 KV cache"}
+
+
+def refuse_unsupported(registry, quantizer) -> None:
+    """ConfigError when the case's quantizer asks for what these graphs do not run (a16, kv8):
+    the graphs keep fp32 activations and an fp32 KV buffer, so the setting would be ignored."""
+    from bluelm_v.errors import ConfigError
+
+    for node in quantizer_nodes(quantizer):
+        q = registry.create_from_config("quantizer", node, "case.quantizer")
+        for step in getattr(q, "steps", [q]):
+            if step.name in UNSUPPORTED:
+                raise ConfigError(f"backend onnxruntime cannot run quantizer setting {step.name} "
+                                  f"({UNSUPPORTED[step.name]}; from quantizer '{q.name}'): its graphs keep "
+                                  f"fp32 activations and KV buffers. Use backend local_torch for it, or a "
+                                  f"quantizer without {step.name}")
