@@ -6,9 +6,11 @@
     good, skipped = split_bad_sizes(table)    # zero/negative/huge sizes -> skipped, with a reason
 
 A manifest may carry more columns (``image``, ``source``, ``id``, ...): they are kept as text.
-A malformed manifest (no header, a missing column, a non-integer size, a bad row) fails at once
-with an InputError naming the file and the line; a well-formed but impossible size (0, -5) is
-not malformed: it is returned and then skipped under a reason by :func:`split_bad_sizes`.
+A manifest without a usable header (empty file, a missing width/height column, broken CSV
+quoting) fails at once with an InputError naming the file and the line. A bad row is never
+dropped: it is returned with a ``reason`` (``wrong_field_count``, ``missing_size`` -- e.g. a
+row that is just ``,`` -- or ``not_an_integer``) and a ``detail``, and :func:`split_bad_sizes`
+skips it under that reason, as it skips impossible sizes (0, -5). Only empty lines are ignored.
 The ``line`` column is the 1-based line of the file each row came from (the header is line 1).
 
 Embedded data, ``coco2017_train_image_sizes.csv.gz`` (provenance, from its README):
@@ -87,41 +89,57 @@ def read_size_manifest(path=None):
     if missing:
         raise InputError(f"size manifest {name}, line 1: missing column(s) {', '.join(missing)} "
                          f"(header: {','.join(header)}); a size manifest needs columns width,height")
-    rows, lines = [], []
+    rows, lines, problems = [], [], []
     try:
         for row in reader:
-            if not any(f.strip() for f in row):
-                continue  # blank line
+            if not row:
+                continue  # an empty line (csv yields no fields for it)
+            problem = ("", "")
             if len(row) != len(header):
-                raise InputError(f"size manifest {name}, line {reader.line_num}: {len(row)} fields, "
-                                 f"the header has {len(header)}")
+                problem = ("wrong_field_count", f"{len(row)} fields, the header has {len(header)}")
+                row = (row + [""] * len(header))[:len(header)]
             rows.append(row)
             lines.append(reader.line_num)
+            problems.append(problem)
     except csv.Error as exc:
         raise InputError(f"size manifest {name}, line {reader.line_num}: malformed CSV ({exc})") from None
     table = pd.DataFrame(rows, columns=header, dtype=str)
     table["line"] = np.asarray(lines, dtype=np.int64)
+    reason = np.array([p[0] for p in problems], dtype=object)
+    detail = np.array([p[1] for p in problems], dtype=object)
     for col in REQUIRED:
         values = table[col].str.strip()
-        ok = values.str.fullmatch(r"[+-]?\d+")
-        if not ok.all():
-            i = int(np.flatnonzero(~ok.to_numpy())[0])
-            raise InputError(f"size manifest {name}, line {table['line'].iat[i]}: {col} = "
-                             f"{table[col].iat[i]!r} is not an integer")
+        ok = values.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool)
+        fresh = ~ok & (reason == "")
+        empty = (values == "").to_numpy()
+        reason[fresh] = np.where(empty[fresh], "missing_size", "not_an_integer")
+        detail[fresh] = [f"{col} = {v!r}" for v in table[col].to_numpy()[fresh]]
         digits = values.str.lstrip("+-").str.len()
-        values = values.where(digits <= 15, str(10**15))  # absurdly large: kept, skipped later
+        values = values.where(ok & (digits <= 15).to_numpy(), str(10**15))  # absurd sizes: kept, skipped later
+        values = values.where(ok, "0")
         table[col] = values.astype(np.int64)
+    table["reason"], table["detail"] = reason, detail
     return table
 
 
 def split_bad_sizes(table):
-    """(good rows, bad rows with a ``reason``): ``nonpositive_size`` (a side <= 0) or
-    ``size_too_large`` (a side above 2**31 - 1)."""
+    """(good rows, bad rows with a ``reason``): a row's own reason from the reader
+    (``wrong_field_count``, ``missing_size``, ``not_an_integer``), else ``nonpositive_size``
+    (a side <= 0) or ``size_too_large`` (a side above 2**31 - 1). The good rows lose the
+    ``reason`` / ``detail`` columns."""
     import numpy as np
 
     w, h = table["width"].to_numpy(), table["height"].to_numpy()
+    given = (table["reason"].to_numpy(dtype=object) if "reason" in table.columns else np.full(len(table), "", object))
+    given = np.where(given == None, "", given)  # noqa: E711 -- elementwise
     nonpositive = (w <= 0) | (h <= 0)
     too_large = ~nonpositive & ((w > MAX_SIDE) | (h > MAX_SIDE))
-    bad = table[nonpositive | too_large].copy()
-    bad["reason"] = np.where(nonpositive[nonpositive | too_large], "nonpositive_size", "size_too_large")
-    return table[~(nonpositive | too_large)].reset_index(drop=True), bad.reset_index(drop=True)
+    reason = np.where(given != "", given, np.where(nonpositive, "nonpositive_size",
+                                                   np.where(too_large, "size_too_large", "")))
+    bad_rows = reason != ""
+    bad = table[bad_rows].copy()
+    bad["reason"] = reason[bad_rows]
+    if "detail" not in bad.columns:
+        bad["detail"] = ""
+    good = table[~bad_rows].drop(columns=[c for c in ("reason", "detail") if c in table.columns])
+    return good.reset_index(drop=True), bad.reset_index(drop=True)
