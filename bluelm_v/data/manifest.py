@@ -3,7 +3,8 @@
     from bluelm_v.data.manifest import read_size_manifest, split_bad_sizes
     table = read_size_manifest()              # the embedded COCO train2017 sizes (118,287 rows)
     table = read_size_manifest("sizes.csv")   # any CSV (or .csv.gz) with width,height columns
-    good, skipped = split_bad_sizes(table)    # zero/negative/huge sizes -> skipped, with a reason
+    good, skipped = split_bad_sizes(table)    # bad rows, zero/negative/huge sizes -> skipped, with a reason
+    samples, skipped, info = load_samples(cfg.dataset, run_dir)   # what the tiling jobs read
 
 A manifest may carry more columns (``image``, ``source``, ``id``, ...): they are kept as text.
 A manifest without a usable header (empty file, a missing width/height column, broken CSV
@@ -37,7 +38,7 @@ import io
 from importlib import resources
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 COCO_TRAIN2017_FILE = "coco2017_train_image_sizes.csv.gz"
 COCO_TRAIN2017_IMAGES = 118_287
@@ -130,8 +131,8 @@ def split_bad_sizes(table):
     import numpy as np
 
     w, h = table["width"].to_numpy(), table["height"].to_numpy()
-    given = (table["reason"].to_numpy(dtype=object) if "reason" in table.columns else np.full(len(table), "", object))
-    given = np.where(given == None, "", given)  # noqa: E711 -- elementwise
+    given = (table["reason"].fillna("").to_numpy(dtype=object) if "reason" in table.columns
+             else np.full(len(table), "", object))
     nonpositive = (w <= 0) | (h <= 0)
     too_large = ~nonpositive & ((w > MAX_SIDE) | (h > MAX_SIDE))
     reason = np.where(given != "", given, np.where(nonpositive, "nonpositive_size",
@@ -143,3 +144,71 @@ def split_bad_sizes(table):
         bad["detail"] = ""
     good = table[~bad_rows].drop(columns=[c for c in ("reason", "detail") if c in table.columns])
     return good.reset_index(drop=True), bad.reset_index(drop=True)
+
+
+# -- the samples of a size study (the tiling jobs' ``dataset`` node) ---------------------------
+_PARSED: dict = {}
+
+
+def read_manifest(path):
+    """read_size_manifest, parsed once per (path, mtime) in this process (validate, then run)."""
+    if path is None:
+        return read_size_manifest(None)
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    if key not in _PARSED:
+        _PARSED.clear()
+        _PARSED[key] = read_size_manifest(path)
+    return _PARSED[key].copy()
+
+
+def validate_dataset(ds) -> None:
+    if ds.get("manifest") and ds.get("llava_json"):
+        raise ConfigError("dataset: set dataset.manifest or dataset.llava_json, not both")
+    if ds.get("manifest"):
+        if not Path(ds.manifest).is_file():
+            raise ConfigError(f"dataset.manifest: no such file: {ds.manifest}")
+        read_manifest(ds.manifest)  # a manifest without a usable header fails here, before Ray starts
+    if ds.get("llava_json"):
+        if not Path(ds.llava_json).is_file():
+            raise ConfigError(f"dataset.llava_json: no such file: {ds.llava_json}")
+        if not ds.get("image_root") or not Path(ds.image_root).is_dir():
+            raise ConfigError(f"dataset.image_root: the folder the JSON's image paths are relative to; "
+                              f"got {ds.get('image_root')!r}, which is not a directory")
+    per_task = ds.get("files_per_task", 1000)
+    if not isinstance(per_task, int) or isinstance(per_task, bool) or per_task < 1:
+        raise ConfigError(f"dataset.files_per_task: a positive integer, got {per_task!r}")
+
+
+def load_samples(ds, run_dir, progress=None):
+    """The samples of a size study from a ``dataset`` config node: (samples with width/height,
+    skipped rows with a reason, dataset info)."""
+    import pandas as pd
+
+    if ds.get("llava_json"):
+        from .llava_sizes import llava_samples
+
+        cache_dir = Path(ds.cache_dir) if ds.get("cache_dir") else Path(run_dir).resolve().parent / "size_cache"
+        samples, skipped, info = llava_samples(
+            ds.llava_json, ds.image_root, cache_dir, rescan=bool(ds.get("rescan", False)),
+            files_per_task=int(ds.get("files_per_task", 1000)), check_end=bool(ds.get("check_end", True)),
+            progress=progress)
+        info = {"kind": "llava_json", "path": str(ds.llava_json), "image_root": str(ds.image_root),
+                "row_means": "record index (.json) or line (.jsonl)", **info}
+    else:
+        table = read_manifest(ds.get("manifest"))
+        embedded = not ds.get("manifest")
+        info = {"kind": "embedded_coco2017_train" if embedded else "manifest",
+                "path": COCO_TRAIN2017_FILE if embedded else str(ds.manifest),
+                "row_means": "line of the manifest file (header = line 1)"}
+        samples, skipped = split_bad_sizes(table.rename(columns={"line": "row"}))
+    good, bad = split_bad_sizes(samples)
+    skipped = pd.concat([skipped, bad], ignore_index=True)
+    info["n_input_rows"] = int(len(good) + len(skipped))
+    return good, skipped, info
+
+
+def write_skipped(path: Path, skipped) -> None:
+    cols = [c for c in ("row", "id", "image", "source", "width", "height", "reason", "detail") if c in skipped.columns]
+    tmp = path.with_suffix(".csv.tmp")
+    skipped[cols].to_csv(tmp, index=False)
+    tmp.replace(path)

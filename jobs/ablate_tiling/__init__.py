@@ -41,7 +41,6 @@ import numpy as np
 
 from bluelm_v.errors import ConfigError
 
-from .inputs import load_samples, validate_dataset, write_skipped
 
 DECISION_EXTRA_COLUMNS = ("row", "line", "id", "image", "source")
 
@@ -82,6 +81,7 @@ def _positive_int(value) -> bool:
 
 
 def validate(cfg, registry) -> None:
+    from bluelm_v.plugins.tilers.pricing import validate_pricing
     from bluelm_v.plugins.tilers.zoo import changed_settings
 
     ab, ds = cfg.get("ablation"), cfg.get("dataset")
@@ -122,23 +122,9 @@ def validate(cfg, registry) -> None:
     if not isinstance(budgets, list) or not all(_positive_int(b) for b in budgets):
         raise ConfigError(f"ablation.token_budgets: a list of positive integers, got {budgets!r}")
     validate_pricing(cfg.get("pricing"), registry)
+    from bluelm_v.data.manifest import validate_dataset
+
     validate_dataset(ds)
-
-
-def validate_pricing(node, registry) -> None:
-    if node is None or not node.get("enabled", True):
-        return
-    if node.get("backend") is None:
-        raise ConfigError("pricing.backend: a backend node, e.g. {name: simulated_npu, profile: dimensity9300}")
-    registry.validate_node("backend", node.backend, "pricing.backend")
-    for key in ("tiles_per_batch", "prefill_chunk"):
-        if not _positive_int(node.get(key)):
-            raise ConfigError(f"pricing.{key}: a positive integer, got {node.get(key)!r}")
-    text = node.get("text_tokens", 0)
-    if not isinstance(text, int) or isinstance(text, bool) or text < 0:
-        raise ConfigError(f"pricing.text_tokens: a non-negative integer, got {text!r}")
-    if not _positive_int(node.get("scale_to", 1)):
-        raise ConfigError(f"pricing.scale_to: a positive integer, got {node.get('scale_to')!r}")
 
 
 # -- the decisions file ----------------------------------------------------------------------
@@ -154,7 +140,7 @@ def decisions_table(samples, decided: dict, tilers: dict, priced: dict):
             cols[f"{label}_m"], cols[f"{label}_n"] = d.m.astype(np.int32), d.n.astype(np.int32)
             cols[f"{label}_crops"] = d.crops.astype(np.int32)
         cols[f"{label}_tokens"] = pd.array(np.where(d.skipped, None, d.tokens), dtype="Int64")
-        cols[f"{label}_skip"] = pd.Categorical(d.skip.astype(str))
+        cols[f"{label}_skip"] = pd.Categorical.from_codes(d.skip_code.astype(np.int64), ["", *d.reasons])
         if label in priced:
             cols[f"{label}_encode_s"] = priced[label][0].astype(np.float32)
             cols[f"{label}_prefill_s"] = priced[label][1].astype(np.float32)
@@ -175,6 +161,7 @@ def price_all(ctx, decided: dict) -> tuple[dict, dict]:
 
 # -- the job ---------------------------------------------------------------------------------
 def run(ctx) -> dict:
+    from bluelm_v.data.manifest import load_samples, write_skipped
     from bluelm_v.jobs.ablate_tiling import markdown, report
     from bluelm_v.plugins.tilers.zoo import decide_all
 
@@ -183,7 +170,7 @@ def run(ctx) -> dict:
     params = {n: tiler_params(cfg, ctx.registry, n) for n in names}
     tilers = {n: ctx.registry.tiler.create(p[0], _path=f"ablation.tilers.{n}", **p[1]) for n, p in params.items()}
     timing, t0 = {}, time.perf_counter()
-    samples, skipped, dataset = load_samples(ctx)
+    samples, skipped, dataset = load_samples(cfg.dataset, ctx.run_dir, ctx.progress)
     write_skipped(ctx.path("skipped.csv"), skipped)
     timing["load_s"] = round(time.perf_counter() - t0, 3)
     if len(samples) == 0:

@@ -81,23 +81,31 @@ class Decisions:
     tokens: np.ndarray          # int64 visual tokens (-1 where skipped)
     pixels: np.ndarray          # float64 image-content pixels in the local views
     encoder_pixels: np.ndarray  # float64 pixels the encoder processes
-    skip: np.ndarray            # object: reason, "" where decided
+    skip_code: np.ndarray       # int8: 0 decided, k > 0: skipped for reasons[k - 1]
+    reasons: tuple = ()
 
     def __len__(self) -> int:
         return len(self.m)
 
     @property
     def skipped(self) -> np.ndarray:
-        return self.skip != ""
+        return self.skip_code != 0
+
+    @property
+    def skip(self) -> np.ndarray:
+        """The reason per size as an object array ("" where decided)."""
+        return np.array(("",) + tuple(self.reasons), dtype=object)[self.skip_code]
 
     def take(self, index) -> "Decisions":
-        return Decisions(*(getattr(self, f)[index] for f in (*FIELDS, "skip")))
+        return Decisions(*(getattr(self, f)[index] for f in (*FIELDS, "skip_code")), self.reasons)
 
     @classmethod
     def concat(cls, parts: list["Decisions"]) -> "Decisions":
         if not parts:
-            return cls(*(np.zeros(0, np.int64) for _ in FIELDS[:4]), np.zeros(0), np.zeros(0), np.zeros(0, object))
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in (*FIELDS, "skip")))
+            return cls(*(np.zeros(0, np.int64) for _ in FIELDS[:4]), np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
+        if any(p.reasons != parts[0].reasons for p in parts):
+            raise ValueError("Decisions.concat: parts with different skip reasons")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in (*FIELDS, "skip_code")), parts[0].reasons)
 
 
 class Tiler:
@@ -107,6 +115,7 @@ class Tiler:
     answers (1, 1), one view, and the ablation writes no m / n / crops columns for them."""
 
     has_grid = True
+    skip_reason = ""  # the reason of the sizes ``_decide`` marks ``skipped`` (rules whose reference can fail)
 
     def __init__(self, tile_size: int = 384, thumbnail: str = "first", tokens_per_crop: int = 196):
         if thumbnail not in THUMBNAILS:
@@ -120,6 +129,7 @@ class Tiler:
         raise NotImplementedError
 
     def _decide(self, w: np.ndarray, h: np.ndarray) -> dict:
+        """The FIELDS as arrays (or scalars), and ``skipped``: a bool mask, for rules that skip."""
         raise NotImplementedError
 
     # -- public API --------------------------------------------------------------------------
@@ -132,20 +142,21 @@ class Tiler:
     def decide_many(self, widths, heights) -> Decisions:
         """The rule over arrays of sizes (vectorised, identical to ``decide`` per size)."""
         w, h = check_sizes(widths, heights)
-        parts = []
-        for a in range(0, len(w), CHUNK):
-            d = self._decide(w[a:a + CHUNK], h[a:a + CHUNK])
-            k = len(w[a:a + CHUNK])
-            skip = d.get("skip")
-            skip = np.full(k, "", object) if skip is None else skip
-            cols = [np.broadcast_to(np.asarray(d[f], np.float64 if "pixels" in f else np.int64), (k,)).copy()
-                    for f in FIELDS]
-            bad = skip != ""
-            if bad.any():
-                for col, fill in zip(cols, (0, 0, 0, -1, 0, 0)):
-                    col[bad] = fill
-            parts.append(Decisions(*cols, skip))
-        return Decisions.concat(parts)
+        N = len(w)
+        cols = [np.empty(N, np.float64 if "pixels" in f else np.int64) for f in FIELDS]
+        code = np.zeros(N, np.int8)
+        for a in range(0, N, CHUNK):
+            b = min(a + CHUNK, N)
+            d = self._decide(w[a:b], h[a:b])
+            for col, f in zip(cols, FIELDS):
+                col[a:b] = d[f]
+            if d.get("skipped") is not None:
+                code[a:b] = d["skipped"]
+        bad = code != 0
+        if bad.any():
+            for col, fill in zip(cols, (0, 0, 0, -1, 0, 0)):
+                col[bad] = fill
+        return Decisions(*cols, code, (self.skip_reason,) if self.skip_reason else ())
 
     def select(self, width, height) -> tuple[int, int]:
         d = self.decide(width, height)

@@ -82,6 +82,8 @@ def resized_many(w: np.ndarray, h: np.ndarray, L: int, T: int):
 class Idefics3Tiler(Tiler):
     """Idefics3 / SmolVLM: longest edge to L, stretched to whole T-px tiles, + a global view last."""
 
+    skip_reason = ZERO_SKIP
+
     def __init__(self, variant: str = "idefics3", longest_edge: int | None = None):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -110,7 +112,7 @@ class Idefics3Tiler(Tiler):
         zero = (W == 0) | (H == 0)
         return {"m": cols, "n": rows, "crops": views, "tokens": views * self.tokens_per_crop,
                 "pixels": (W * H).astype(np.float64), "encoder_pixels": views * float(T * T),
-                "skip": np.where(zero, ZERO_SKIP, "").astype(object)}
+                "skipped": zero}
 
     def canvas(self, image, m, n):
         from PIL import Image

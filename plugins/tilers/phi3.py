@@ -25,6 +25,7 @@ class Phi3VisionTiler(PaddedCanvasTiler):
     """Phi-3-vision HD transform: up to hd_num 336-px crops on a white-padded canvas + a global view."""
 
     pad_colour = (255, 255, 255)
+    skip_reason = ZERO_SKIP
 
     def __init__(self, hd_num: int = 16, tokens_per_crop: int = 144):
         if hd_num < 1:
@@ -77,7 +78,7 @@ class Phi3VisionTiler(PaddedCanvasTiler):
         crops = rows * cols + 1
         return {"m": cols, "n": rows, "crops": crops, "tokens": self._tokens(rows * cols, rows),
                 "pixels": (new_w * new_h).astype(np.float64), "encoder_pixels": crops * float(CROP * CROP),
-                "skip": np.where(new_h == 0, ZERO_SKIP, "").astype(object)}
+                "skipped": new_h == 0}
 
     def canvas(self, image, m, n):
         """The HD image: resized to (new_w, new_h) in the landscape frame, padded white to whole crops."""

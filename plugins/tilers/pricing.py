@@ -99,3 +99,25 @@ class PhonePricer:
         prefill = np.interp(np.maximum(prompt, self.floor), pk, pv)
         encode[~valid], prefill[~valid] = np.nan, np.nan
         return encode, prefill, int((valid & (prompt < self.floor)).sum())
+
+
+def validate_pricing(node, registry) -> None:
+    """Check a ``pricing`` config node before any work starts."""
+    from bluelm_v.errors import ConfigError
+
+    def _positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if node is None or not node.get("enabled", True):
+        return
+    if node.get("backend") is None:
+        raise ConfigError("pricing.backend: a backend node, e.g. {name: simulated_npu, profile: dimensity9300}")
+    registry.validate_node("backend", node.get("backend"), "pricing.backend")
+    for key in ("tiles_per_batch", "prefill_chunk"):
+        if not _positive_int(node.get(key)):
+            raise ConfigError(f"pricing.{key}: a positive integer, got {node.get(key)!r}")
+    text = node.get("text_tokens", 0)
+    if not isinstance(text, int) or isinstance(text, bool) or text < 0:
+        raise ConfigError(f"pricing.text_tokens: a non-negative integer, got {text!r}")
+    if not _positive_int(node.get("scale_to", 1)):
+        raise ConfigError(f"pricing.scale_to: a positive integer, got {node.get('scale_to')!r}")

@@ -45,6 +45,7 @@ class Qwen2VLTiler(Tiler):
     """Qwen2-VL smart_resize: one variable-size view, (h'/28)(w'/28) tokens, no tiles."""
 
     has_grid = False
+    skip_reason = ASPECT_SKIP
 
     def __init__(self, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 12_845_056):
         super().__init__(factor, "none", 0)
@@ -81,7 +82,7 @@ class Qwen2VLTiler(Tiler):
         w_bar, h_bar, skipped = self.resized_many(w, h)
         px = (w_bar * h_bar).astype(np.float64)
         return {"m": 1, "n": 1, "crops": 1, "tokens": (h_bar // self.factor) * (w_bar // self.factor),
-                "pixels": px, "encoder_pixels": px, "skip": np.where(skipped, ASPECT_SKIP, "").astype(object)}
+                "pixels": px, "encoder_pixels": px, "skipped": skipped}
 
     def num_crops(self, m, n):
         return m * n  # one view

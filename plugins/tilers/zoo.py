@@ -38,7 +38,7 @@ def decide_one(tiler, widths: np.ndarray, heights: np.ndarray, default_tokens_pe
     else:
         tokens = crops * int(getattr(tiler, "tokens_per_crop", default_tokens_per_crop))
     unknown = np.full(len(m), np.nan)
-    return Decisions(m, n, crops, tokens, unknown, unknown.copy(), np.full(len(m), "", object))
+    return Decisions(m, n, crops, tokens, unknown, unknown.copy(), np.zeros(len(m), np.int8))
 
 
 def decide_sizes(tilers: dict, widths: np.ndarray, heights: np.ndarray, default_tokens_per_crop: int = 196) -> dict:
@@ -108,7 +108,8 @@ def rule_stats(d: Decisions, widths, heights, budgets=(1024, 2048, 4096)) -> dic
     tokens = d.tokens[ok]
     scale = scale_factors(d, widths, heights)[ok]
     known = np.isfinite(scale)
-    reasons, counts = np.unique(d.skip[~ok].astype(str), return_counts=True)
+    codes = np.bincount(d.skip_code[~ok], minlength=len(d.reasons) + 1)[1:]
+    reasons, counts = [r for r, c in zip(d.reasons, codes) if c], [c for c in codes if c]
     mean = (lambda x: float(x.mean()) if len(x) else None)
     return {
         "n_decided": n_ok, "n_skipped": int((~ok).sum()),
