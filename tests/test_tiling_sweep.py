@@ -131,10 +131,14 @@ def test_end_to_end_sweep_writes_the_front(sweep_cfg, tmp_path):
     table = pd.read_csv(tmp_path / "run" / "sweep.csv")
     assert len(table) == 4 and table["mean_tokens"].is_monotonic_increasing
     tiny = table[table.label == "qwen2_vl[max_pixels=3136]"].iloc[0]
-    assert tiny["mean_tokens"] == 4 and tiny["n_skipped"] == 1                          # 1 x 100000: ratio > 200
+    tokens = Qwen2VLTiler(max_pixels=3136).tokens(np.array([640, 1200, 300, 28]), np.array([480, 300, 2000, 28]))
+    assert tiny["mean_tokens"] == pytest.approx(tokens.mean()) and tiny["n_skipped"] == 1   # 1 x 100000: ratio > 200
     assert tiny["pareto"]                                                                 # fewest tokens of all
     expected = pareto_front(table["mean_tokens"].to_numpy(), table["mean_kept"].to_numpy())
     assert table["pareto"].tolist() == expected.tolist()
+    for _, part in table.groupby("family"):
+        assert part["family_front"].tolist() == pareto_front(part["mean_tokens"].to_numpy(),
+                                                             part["mean_kept"].to_numpy()).tolist()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["front"] == table.loc[table.pareto, "label"].tolist()
     assert "](pareto.png)" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "pareto.png").stat().st_size > 1000

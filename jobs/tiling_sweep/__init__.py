@@ -12,7 +12,8 @@ ablation); per setting: mean visual tokens, the share of the image's pixels that
 encoder without being downscaled (mean of min(1, content pixels / image pixels)), the mean
 upscale, the token-budget shares and, with ``pricing.enabled``, mean phone seconds. A setting
 is dominated when another has no more mean tokens and no less resolution kept (one of them
-strictly); the rest form the Pareto front. The top-level ``tiler`` node plays no part: a
+strictly); the rest form the Pareto front (``pareto``; ``family_front``: the same within the
+setting's own grid entry, for tuning one rule). The top-level ``tiler`` node plays no part: a
 changed ``tiler.*`` setting is an error (sweep its values in sweep.grid instead).
 
 Outputs: sweep.csv (one row per setting), pareto.png, report.md, summary.json.
@@ -137,6 +138,10 @@ def run(ctx) -> dict:
         rows.append(row)
     table = report.frame(rows)
     table["pareto"] = pareto_front(table["mean_tokens"].to_numpy(float), table["mean_kept"].to_numpy(float))
+    table["family_front"] = False
+    for _, part in table.groupby("family"):
+        table.loc[part.index, "family_front"] = pareto_front(part["mean_tokens"].to_numpy(float),
+                                                             part["mean_kept"].to_numpy(float))
     table.to_csv(ctx.path("sweep.csv"), index=False)
     summary = {"n_images": int(len(samples)), "n_skipped": int(len(skipped)), "n_settings": len(rows),
                "dataset": dataset, "token_budgets": list(budgets), "work": work, "timing": timing,

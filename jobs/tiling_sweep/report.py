@@ -65,16 +65,18 @@ def write(run_dir: Path, summary: dict, table, plots: bool = True) -> tuple[Path
          f"{len(summary['front'])} on the Pareto front (fewest mean tokens for the resolution kept).", ""]
     L += [f"![Pareto front]({p.name})" for p in images.values()] + [f"(plot failed: {f})" for f in failed] + [""]
     head = ("| setting | mean tokens | resolution kept | mean upscale | "
-            + " | ".join(f"> {b:,}" for b in budgets) + (" | mean phone s" if priced else "") + " | skipped | front |")
+            + " | ".join(f"> {b:,}" for b in budgets) + (" | mean phone s" if priced else "") + " | skipped | front | within its rule |")
     L += ["## Settings (by mean tokens)", "", head, "|---" * (head.count("|") - 1) + "|"]
     for _, r in table.iterrows():
         L.append(f"| `{r['label']}` | {_f(r['mean_tokens'])} | {_f(100 * r['mean_kept'] if r['mean_kept'] is not None else None)}% | "
                  f"{_f(r['mean_upscale'], 2)} | " + " | ".join(_f(100 * r[f'share_over_{b}']) + "%" for b in budgets)
                  + (f" | {_f(r['mean_phone_s'], 3)}" if priced else "") + f" | {int(r['n_skipped']):,} | "
-                 + ("**front**" if r["pareto"] else "dominated") + " |")
+                 + ("**front**" if r["pareto"] else "dominated") + " | "
+                 + ("front" if r["family_front"] else "dominated") + " |")
     L += ["", "Resolution kept: the mean over samples of min(1, image-content pixels in the local views at the encoder / "
           "image pixels); mean upscale: the mean of that ratio without the cap. A setting is dominated when another "
-          "needs no more mean tokens and keeps no less resolution (one strictly). Skipped: sizes the rule's reference "
+          "needs no more mean tokens and keeps no less resolution (one strictly); 'within its rule' compares "
+          "the settings of one grid entry only. Skipped: sizes the rule's reference "
           "rejects, left out of that setting's means." + (" Phone seconds: encode + prefill on the simulated phone "
                                                            "(docs/design.md §5.10; predicted)." if priced else ""), "",
           "Files: `sweep.csv` (this table), `skipped.csv`, `summary.json`.", ""]
