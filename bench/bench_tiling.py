@@ -47,13 +47,13 @@ def build_sizes():
     return np.concatenate([np.tile(w, reps), w[pick]]), np.concatenate([np.tile(h, reps), h[pick]]), how
 
 
-def make_tilers():
+def make_tilers(names=None):
     from bluelm_v.plugin_manager import get
     from bluelm_v.plugins.tilers.zoo import tiler_presets
 
     _, registry, _ = get()
     presets = tiler_presets()
-    return {n: registry.tiler.create(n, **presets.get(n, (n, {}))[1]) for n in registry.tiler.names()}
+    return {n: registry.tiler.create(n, **presets.get(n, (n, {}))[1]) for n in names or registry.tiler.names()}
 
 
 def best_of(fn, repeats):
@@ -65,11 +65,11 @@ def best_of(fn, repeats):
     return best, out
 
 
-def bench_selection(repeats: int, loop_sizes: int) -> None:
+def bench_selection(repeats: int, loop_sizes: int, names=None) -> None:
     from bluelm_v.plugins.tilers.zoo import decide_all
 
     w, h, how = build_sizes()
-    tilers = make_tilers()
+    tilers = make_tilers(names)
     print(f"## The tiler zoo over {len(w):,} sizes\n\nSizes: {how}.\n")
     print("| tiler | plain loop (s) | vectorised (s) | speed-up | job: distinct sizes (s) | speed-up | identical |")
     print("|---|---|---|---|---|---|---|")
@@ -82,7 +82,8 @@ def bench_selection(repeats: int, loop_sizes: int) -> None:
         t0 = time.perf_counter()
         loop = [tiler.decide(a, b) for a, b in zip(wl, hl)]
         loop_s = (time.perf_counter() - t0) * len(w) / k
-        same = all(r[f] == getattr(d, f)[i] for i, r in enumerate(loop) for f in FIELDS)
+        cols = {f: getattr(d, f)[:k].tolist() for f in FIELDS}
+        same = all(r[f] == cols[f][i] for i, r in enumerate(loop) for f in FIELDS)
         totals += (loop_s, vec_s, job_s)
         print(f"| `{name}` | {loop_s:.1f} | {vec_s:.3f} | {loop_s / vec_s:.0f}x | {job_s:.3f} | "
               f"{loop_s / job_s:.0f}x | {'yes' if same else 'NO'} |")
@@ -158,10 +159,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-dir", help="keep the generated images here (default: a temp dir, removed)")
     ap.add_argument("--skip-scan", action="store_true")
     ap.add_argument("--skip-selection", action="store_true")
+    ap.add_argument("--tilers", nargs="*", help="registered tiler names (default: all)")
     args = ap.parse_args(argv)
     print(f"# bench_tiling ({os.cpu_count()} cores, Python {sys.version.split()[0]}, numpy {np.__version__})\n")
     if not args.skip_selection:
-        bench_selection(args.repeats, args.loop_sizes)
+        bench_selection(args.repeats, args.loop_sizes, args.tilers)
     if not args.skip_scan:
         bench_scan(args.scan_files, args.scan_dir, args.repeats)
     return 0
