@@ -136,3 +136,38 @@ def allocate_static(hf_model, layers: int, kv_heads: int, head_dim: int, max_len
     if kv_cache_kind(hf_model) == "int8":
         return Int8StaticKVCache.allocate(layers, kv_heads, head_dim, max_len, dtype, device)
     return KVCache.allocate(layers, kv_heads, head_dim, max_len, dtype, device)
+
+
+@dataclass
+class BatchedKVCache:
+    """Static cache of several sequences (slots), for batched decoding: slot b of layer i is
+    ``k[i, b]`` [kv_heads, max_len, head_dim], the batch-1 layout. Zero-filled at allocation so
+    masked positions hold finite values (an additive -inf mask times a stale NaN would be NaN)."""
+
+    k: torch.Tensor          # [layers, slots, kv_heads, max_len, head_dim]
+    v: torch.Tensor          # [layers, slots, kv_heads, max_len, head_dim]
+
+    @classmethod
+    def allocate(cls, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "BatchedKVCache":
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions (every layer) into slot ``dst``."""
+        if src != dst:
+            self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+            self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])

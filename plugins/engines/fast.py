@@ -134,6 +134,7 @@ class FastLlamaEngine:
         self.static_step = static_step or self.use_graph
         self._graph = None
         self._step_layer_fn = plain_layer
+        self._batched = None  # BatchedLlama (batched.py), made at the first begin_batch
         self._cpu = None      # the C-helper CPU forward (fast_cpu.py), fp32 on CPU only
         if self.device.type == "cpu" and self.dtype == torch.float32 and attention == "sdpa" and not compile:
             from bluelm_v.plugins.engines.fast_cpu import CpuPath
@@ -367,3 +368,33 @@ class FastLlamaEngine:
         emb = self.base.embed_tokens(torch.tensor([[token]], device=self.device))   # [1,1,D]
         self.last_logits = self.forward(emb, decode=True)
         return int(self.last_logits.argmax())
+
+    # -- batches of sequences (plugins/engines/batched.py) --------------------------------
+    def supports_batch(self) -> bool:
+        """Batched decoding keeps K/V in the model dtype: not for an INT8 (kv8) cache."""
+        from bluelm_v.nn.kv_cache import kv_cache_kind
+
+        return kv_cache_kind(self.model) != "int8"
+
+    def begin_batch(self, rows: int, max_len: int) -> None:
+        """Start ``rows`` sequences of at most ``max_len`` positions each (one batched cache)."""
+        if self._batched is None:
+            from .batched import BatchedLlama
+            self._batched = BatchedLlama(self)
+        self._batched.begin(rows, max_len)
+
+    def prefill_batch(self, embeds: list, chunk: int) -> torch.Tensor:
+        """embeds[r] [1,L_r,D] -> [rows, V] last logits, rows packed ``chunk`` tokens a forward."""
+        return self._batched.prefill(embeds, chunk)
+
+    def steps_batch(self, rows: list[int], tokens: list[int], n: int) -> list[list[int]]:
+        """n greedy tokens for each listed row; rows left out are finished (their work stops)."""
+        return self._batched.steps(rows, tokens, n)
+
+    @property
+    def batch_capacity(self) -> int:
+        return self._batched.capacity
+
+    @property
+    def batch_cache_bytes(self) -> int:
+        return self._batched.cache.nbytes if self._batched is not None and self._batched.cache is not None else 0

@@ -26,6 +26,7 @@ class HFEngine:
         self.model = hf_model
         self.length = 0
         self.cache = None
+        self._batched = None  # HFBatch (hf_batch.py), made at the first begin_batch
 
     def begin(self, max_len: int) -> None:
         from transformers import DynamicCache
@@ -74,5 +75,34 @@ class HFEngine:
         if callable(nbytes):
             return int(nbytes())
         layers = getattr(self.cache, "layers", None) or []
+        return sum(t.numel() * t.element_size() for l in layers
+                   for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
+
+    # -- batches of sequences (plugins/engines/hf_batch.py) -------------------------------
+    def supports_batch(self) -> bool:
+        """Batched decoding uses a DynamicCache: not for an INT8 (kv8) cache."""
+        return kv_cache_kind(self.model) != "int8"
+
+    def begin_batch(self, rows: int, max_len: int) -> None:
+        if self._batched is None:
+            from .hf_batch import HFBatch
+            self._batched = HFBatch(self)
+        self._batched.begin(rows, max_len)
+
+    def prefill_batch(self, embeds: list, chunk: int) -> torch.Tensor:
+        """embeds[r] [1,L_r,D] -> [rows, V] last logits (rows left-padded, ``chunk`` columns a call)."""
+        return self._batched.prefill(embeds, chunk)
+
+    def steps_batch(self, rows: list[int], tokens: list[int], n: int) -> list[list[int]]:
+        return self._batched.steps(rows, tokens, n)
+
+    @property
+    def batch_capacity(self) -> int:
+        return self._batched.capacity
+
+    @property
+    def batch_cache_bytes(self) -> int:
+        cache = getattr(self._batched, "cache", None)
+        layers = getattr(cache, "layers", None) or []
         return sum(t.numel() * t.element_size() for l in layers
                    for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
