@@ -154,6 +154,7 @@ def decode_rows(gen, first: list[int], lengths: list[int], capacity: int, max_ne
             length[r] += n
 
 
+@torch.no_grad()
 def run_batch(gen, rows: list[Row], tiles: list[list[dict]], max_new: int, chunk: int,
               tiles_per_batch: int | None, stream: Callable | None, batch_index: int) -> list[tuple[int, dict]]:
     """One batch: encode, splice, prefill, decode -> [(row index, GenerationResult fields)]."""
