@@ -156,10 +156,14 @@ def decode_rows(gen, first: list[int], lengths: list[int], capacity: int, max_ne
 
 @torch.no_grad()
 def run_batch(gen, rows: list[Row], tiles: list[list[dict]], max_new: int, chunk: int,
-              tiles_per_batch: int | None, stream: Callable | None, batch_index: int) -> list[tuple[int, dict]]:
-    """One batch: encode, splice, prefill, decode -> [(row index, GenerationResult fields)]."""
+              tiles_per_batch: int | None, stream: Callable | None, batch_index: int,
+              release: bool = False) -> list[tuple[int, dict]]:
+    """One batch: encode, splice, prefill, decode -> [(row index, GenerationResult fields)];
+    ``release``: free the encoder once this batch's images are encoded (the last batch)."""
     t0 = time.perf_counter()
     encoded = _encode(gen, tiles, tiles_per_batch)
+    if release:
+        gen.release_encoder()
     embeds = []
     for row, enc in zip(rows, encoded):
         e = gen.embed_prompt(row.ids, [x["features"] for x in enc])                    # [1,L,D]
@@ -218,4 +222,5 @@ def batched(gen, rows: list[Row], max_new_tokens: int, stream: Callable | None, 
             tiles = [[f.result() for f in fs] for fs in nxt]
             if k + 1 < len(batches):
                 nxt = submit(batches[k + 1])                       # tiled while this batch runs
-            yield from run_batch(gen, batch, tiles, max_new_tokens, chunk, tiles_per_batch, stream, k)
+            yield from run_batch(gen, batch, tiles, max_new_tokens, chunk, tiles_per_batch, stream, k,
+                                 release=gen.release_after and k == len(batches) - 1)

@@ -5,6 +5,8 @@
     res = gen.generate("<image>\nWhat is in the picture?", images=[handle], max_new_tokens=64,
                        stream=lambda piece: print(piece, end="", flush=True), prefill_chunk=256)
     res.text, res.timings["ttft_s"], res.timings["decode_tokens_per_s"]
+    results = gen.generate_batch(prompts, [[img] for img in photos], max_new_tokens=16,
+                                 batch_size=32)                    # batched: bluelm_v/batch_generate.py
 
 Lower-level steps (what backends time separately): ``encode_image`` -> ``EncodedImage``,
 ``prompt_ids``, ``embed_prompt`` (splices the visual tokens), ``prefill`` -> logits of the last
@@ -104,7 +106,8 @@ class GenerationResult:
 
 
 class Generator:
-    """Batch-1 generation over a :class:`bluelm_v.model.BlueLMV` (see module docstring)."""
+    """Generation over a :class:`bluelm_v.model.BlueLMV`: one prompt (``generate``) or many
+    decoded together (``generate_batch``); see the module docstring."""
 
     def __init__(self, model, engine: Any = "auto", registry=None, prefill_chunk: int = 128,
                  release_encoder: bool = False, threads: int | None = None, system: str | None = None):

@@ -288,3 +288,28 @@ def test_pack_rows_fills_forwards_with_whole_rows_and_cuts_long_ones():
     assert pack_rows([3, 4, 2], 8) == [[(0, 0, 3), (1, 0, 4)], [(2, 0, 2)]]
     assert pack_rows([10, 2], 4) == [[(0, 0, 4)], [(0, 4, 4)], [(0, 8, 2), (1, 0, 2)]]
     assert [bucket_size(n, 6) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_batched_cuda_graph_steps_give_the_tokens_of_eager_steps(image):
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
+
+    model = _build().to("cuda")
+    prompts, images = _batch_inputs(image)
+    runs = []
+    for graph in (False, True):
+        gen = Generator(model, engine=FastLlamaEngine(model.llm.model, cuda_graph=graph))
+        gen.eos = {999}                                  # never made: every row decodes 9 tokens
+        runs.append([r.token_ids for r in gen.generate_batch(prompts, images, max_new_tokens=9)])
+        assert (gen.engine._batched._graphs != {}) == graph
+    assert runs[0] == runs[1]
+
+
+def test_generate_batch_releases_the_encoder_after_the_last_batch(image):
+    prompts, images = _batch_inputs(image)
+    model = _build(seed=2)
+    want = [r.token_ids for r in Generator(model).generate_batch(prompts, images, max_new_tokens=4)]
+    gen = Generator(model, release_encoder=True)
+    got = gen.generate_batch(prompts, images, max_new_tokens=4, batch_size=2)    # 3 batches
+    assert [r.token_ids for r in got] == want and gen.encoder_released
+    assert sum(p.numel() for p in model.encoder.parameters()) == 0
