@@ -275,3 +275,31 @@ def test_triton_int4_step_decodes_the_tokens_of_the_dequantised_model(symmetric,
         torch.testing.assert_close(eng.last_step_logits, ref.last_logits, rtol=1e-4, atol=1e-4)
         assert a == b
         tok = a
+
+
+@pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+def test_batched_triton_attention_decodes_the_tokens_of_sdpa():
+    """plugins/engines/batched.py with its Triton decode attention (each row attends only its own
+    keys, split in blocks of 64) against scaled_dot_product_attention over the masked window:
+    rows of different lengths, then a row dropped (its slot compacted away)."""
+    from bluelm_v.plugins import llms
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = llms.hf_causal(preset="tiny", dtype="float32", device=device, tokenizer="byte").model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    embeds = [model.get_input_embeddings()(torch.randint(3, 300, (1, n), device=device)) for n in (70, 9, 33)]
+    runs = []
+    for attention in ("sdpa", "triton"):
+        eng = FastLlamaEngine(model, cuda_graph=False, batch_attention=attention)
+        eng.begin_batch(3, 80)
+        first = eng.prefill_batch(embeds, 64).argmax(-1).tolist()
+        a = eng.steps_batch([0, 1, 2], first, 3)
+        b = eng.steps_batch([0, 2], [a[0][-1], a[2][-1]], 4)            # row 1 done: 2 slots left
+        runs.append((first, a, b))
+        assert eng._batched.triton_attn == (attention == "triton") and eng._batched.bucket == 2
+    assert runs[0] == runs[1]

@@ -20,12 +20,18 @@ on the device), so ``n`` replays are queued and the tokens read once.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 
+from bluelm_v.nn.kernels.triton_decode import triton
 from bluelm_v.nn.kv_cache import BatchedKVCache
 
 ALIGN = 64          # cache rows are allocated (and attended) in multiples of this
+ATTN_BLOCK = 64     # keys per program of the Triton decode attention
+ATTENTION = ("auto", "sdpa", "triton")
 
 
 def bucket_size(n: int, slots: int) -> int:
@@ -77,15 +83,32 @@ def decode_attention(q, k, v, visible, scale: float):
     return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
 
 
-class BatchedLlama:
-    """Batched sequences over one FastLlamaEngine (``eng``): see the module docstring."""
+def triton_attention_usable(eng) -> bool:
+    """The Triton decode attention can run: triton on CUDA (or its interpreter), and a
+    power-of-two head dim."""
+    return triton is not None and eng.head_dim & (eng.head_dim - 1) == 0 and \
+        (eng.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
-    def __init__(self, eng):
+
+class BatchedLlama:
+    """Batched sequences over one FastLlamaEngine (``eng``): see the module docstring.
+    ``attention`` (decode): ``triton`` (split-KV kernels: each row reads only its own keys),
+    ``sdpa`` (scaled_dot_product_attention over the batch's whole window, masked) or ``auto``
+    (triton on CUDA where it can run, else sdpa)."""
+
+    def __init__(self, eng, attention: str = "auto"):
+        if attention not in ATTENTION:
+            raise ValueError(f"batch attention {attention!r}: use one of {list(ATTENTION)}")
         self.eng = eng
         self.cache: BatchedKVCache | None = None
         self._graphs: dict[tuple[int, int], object] = {}
         self._pool = None
         self.use_graph = eng.use_graph
+        usable = triton_attention_usable(eng)
+        if attention == "triton" and not usable:
+            raise ValueError("batch attention triton: needs triton on CUDA (or TRITON_INTERPRET=1) "
+                             "and a power-of-two head dim")
+        self.triton_attn = attention == "triton" or (attention == "auto" and usable and eng.device.type == "cuda")
 
     # -- cache and rows -------------------------------------------------------------------
     def begin(self, rows: int, max_len: int) -> None:
@@ -105,6 +128,12 @@ class BatchedLlama:
             self._hist = torch.zeros(rows, kv_len, **long)          # token made at (slot, position)
             self._slot_ids, self._kv_ids = torch.arange(rows, **long), torch.arange(eng.n_kv, **long)
             self._arange = torch.arange(kv_len, **long)
+            if self.triton_attn:           # split partials (o, m, l) of every row, head and key block
+                f32 = dict(dtype=torch.float32, device=eng.device)
+                n_split = -(-kv_len // ATTN_BLOCK)
+                self._opart = torch.zeros(rows, eng.n_heads, n_split, eng.head_dim, **f32)
+                self._ml = torch.zeros(rows, eng.n_heads, n_split, 2, **f32)
+                self._attn_out = torch.zeros(rows, eng.n_heads, eng.head_dim, dtype=eng.dtype, device=eng.device)
         self.kv_len, self.rows = kv_len, rows
         self.lengths = [0] * rows                                   # positions filled, per row
         self.slot_of = list(range(rows))                            # row -> cache slot
@@ -214,13 +243,30 @@ class BatchedLlama:
             kc, vc = self.cache.k[i], self.cache.v[i]                         # [slots,KV,S,d]
             kc[slots, self._kv_ids[None], pos[:, None]] = qk[:, 0, hq:]       # [b,KV,d]
             vc[slots, self._kv_ids[None], pos[:, None]] = v[:, 0]
-            q = qk[:, 0, :hq].reshape(b, kv, hq // kv, d)                     # [b,KV,g,d]
-            o = decode_attention(q, kc[:b, :, :kv_len], vc[:b, :, :kv_len], visible, eng.scaling)
+            if self.triton_attn:
+                o = self._triton_attention(qk[:, 0, :hq].contiguous(), kc, vc, pos, b, kv_len)   # [b,H,d]
+            else:
+                q = qk[:, 0, :hq].reshape(b, kv, hq // kv, d)                 # [b,KV,g,d]
+                o = decode_attention(q, kc[:b, :, :kv_len], vc[:b, :, :kv_len], visible, eng.scaling)
             x = self._finish_layer(i, o.reshape(b, 1, hq * d), x)
         nxt = eng.model.lm_head(eng._norm(eng.base.norm, x))[:, -1].argmax(-1)   # [b]
         tok.copy_(nxt)
         self._hist[self._slot_ids[:b], pos] = nxt
         pos.copy_((pos + 1).clamp_(max=kv_len - 1))
+
+    def _triton_attention(self, q, kc, vc, pos, b: int, kv_len: int):
+        """q [b,H,d] over slots [0, b) of kc/vc [slots,KV,S,d], keys [0, pos[row]] -> [b,H,d]
+        (bluelm_v/nn/kernels/triton_decode.py: _batch_attn_kernel, _batch_merge_kernel)."""
+        from bluelm_v.nn.kernels.triton_decode import _batch_attn_kernel, _batch_merge_kernel
+
+        eng, n_split = self.eng, -(-kv_len // ATTN_BLOCK)
+        consts = dict(H=eng.n_heads, HEAD_D=eng.head_dim, NSPLIT=n_split, BLOCK=ATTN_BLOCK)
+        _batch_attn_kernel[(b, eng.n_heads, n_split)](q, kc, vc, pos, self._opart, self._ml,
+                                                     eng.scaling * math.log2(math.e), kc.shape[2],
+                                                     KV=eng.n_kv, **consts)
+        _batch_merge_kernel[(b, eng.n_heads)](self._opart, self._ml, pos, self._attn_out,
+                                              NS_P2=triton.next_power_of_2(n_split), **consts)
+        return self._attn_out[:b]
 
     def _graph_for(self, b: int):
         """The CUDA graph of the step on b slots (captured now if new). Its warm-up steps run

@@ -81,7 +81,8 @@ class FastLlamaEngine:
             not hasattr(a, "q_norm") and getattr(hf_model.config, "sliding_window", None) in (None, 0)
 
     def __init__(self, hf_model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
-                 attention: str = "sdpa", static_step: bool = False, cpu_half_kv: bool = True):
+                 attention: str = "sdpa", static_step: bool = False, cpu_half_kv: bool = True,
+                 batch_attention: str = "auto"):
         base, cfg = hf_model.model, hf_model.config
         self.cpu_half_kv = cpu_half_kv     # CPU decode attention over an fp16 mirror of the cache
         self.model, self.base = hf_model, base
@@ -113,6 +114,7 @@ class FastLlamaEngine:
         self._graph = None
         self._step_layer_fn = plain_layer
         self._batched = None  # BatchedLlama (batched.py), made at the first begin_batch
+        self.batch_attention = batch_attention   # its decode attention: auto | sdpa | triton
         self._cpu = None      # the C-helper CPU forward (fast_cpu.py), fp32 on CPU only
         if self.device.type == "cpu" and self.dtype == torch.float32 and attention == "sdpa" and not compile:
             from bluelm_v.plugins.engines.fast_cpu import CpuPath
@@ -358,7 +360,7 @@ class FastLlamaEngine:
         """Start ``rows`` sequences of at most ``max_len`` positions each (one batched cache)."""
         if self._batched is None:
             from .batched import BatchedLlama
-            self._batched = BatchedLlama(self)
+            self._batched = BatchedLlama(self, self.batch_attention)
         self._batched.begin(rows, max_len)
 
     def prefill_batch(self, embeds: list, chunk: int) -> torch.Tensor:

@@ -345,6 +345,44 @@ if triton is not None:
                     tl.store(cnt_ptr + h, 0)
 
     @triton.jit
+    def _batch_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, opart_ptr, ml_ptr, qk_scale, S,
+                           H: tl.constexpr, KV: tl.constexpr, HEAD_D: tl.constexpr, NSPLIT: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """Batched decode attention, program (row, head h, split sp): q [rows, H, d] (RoPE done)
+        over keys [sp*BLOCK, sp*BLOCK+BLOCK) <= pos[row] of cache slot ``row`` (k/v [slots, KV,
+        S, d], this step's row already written) -> partials (o, m, l) as _attn_kernel makes them;
+        splits past a row's position exit at once (a short row reads only its own keys)."""
+        row = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        pos = tl.load(pos_ptr + row).to(tl.int32)
+        start = sp * BLOCK
+        if start <= pos:
+            dims = tl.arange(0, HEAD_D)
+            offs = start + tl.arange(0, BLOCK)
+            seen = offs <= pos
+            base = (row * KV + h // (H // KV)) * S * HEAD_D
+            ptrs = base + offs[:, None] * HEAD_D + dims[None, :]
+            kt = tl.load(k_ptr + ptrs, mask=seen[:, None], other=0.0, eviction_policy="evict_first")   # [BLOCK,d]
+            vt = tl.load(v_ptr + ptrs, mask=seen[:, None], other=0.0, eviction_policy="evict_first")
+            q = tl.load(q_ptr + (row * H + h) * HEAD_D + dims).to(tl.float32) * qk_scale
+            sc = tl.where(seen, tl.sum(kt.to(tl.float32) * q[None, :], 1), float("-inf"))
+            m = tl.max(sc, 0)
+            p = tl.exp2(sc - m)
+            slot = (row * H + h) * NSPLIT + sp
+            tl.store(opart_ptr + slot * HEAD_D + dims, tl.sum(p[:, None] * vt.to(tl.float32), 0))
+            tl.store(ml_ptr + slot * 2, m)
+            tl.store(ml_ptr + slot * 2 + 1, tl.sum(p, 0))
+
+    @triton.jit
+    def _batch_merge_kernel(opart_ptr, ml_ptr, pos_ptr, out_ptr, H: tl.constexpr, HEAD_D: tl.constexpr,
+                            NSPLIT: tl.constexpr, NS_P2: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (row, h): merge the row's head-h partials -> out [rows, H, d]."""
+        row = tl.program_id(0)
+        _merge_partials(opart_ptr, ml_ptr, out_ptr, row * H + tl.program_id(1), tl.load(pos_ptr + row).to(tl.int32),
+                        HEAD_D, NSPLIT, NS_P2, BLOCK)
+
+    @triton.jit
     def _merge_kernel(opart_ptr, ml_ptr, pos_ptr, out_ptr, HEAD_D: tl.constexpr, NSPLIT: tl.constexpr,
                       NS_P2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program h: merge head h's split partials -> out[h*d:(h+1)*d] (fp32)."""
@@ -374,4 +412,4 @@ if triton is not None:
         tl.store(pos_ptr, pos + 1)
 else:  # pragma: no cover - the names exist without triton
     _embed_kernel = _gemv_kernel = _attn_kernel = _merge_kernel = _argmax_kernel = None
-    _gemv_q4_kernel = _gemv_q8_kernel = _embed_q_kernel = None
+    _gemv_q4_kernel = _gemv_q8_kernel = _embed_q_kernel = _batch_attn_kernel = _batch_merge_kernel = None
