@@ -177,8 +177,9 @@ class BatchedLlama:
     def _rope(self, qk, positions):
         """RoPE of q and k at ``positions`` (shape of qk's leading dims) in one pass."""
         eng, d = self.eng, self.eng.head_dim
-        cos = eng.cos[positions].unsqueeze(-2)                               # [..., 1, d]
-        sin_s = eng.sin_signed[positions].unsqueeze(-2)
+        flat = positions.reshape(-1)
+        cos = eng.cos.index_select(0, flat).view(*positions.shape, 1, d)     # [..., 1, d]
+        sin_s = eng.sin_signed.index_select(0, flat).view(*positions.shape, 1, d)
         return torch.addcmul(qk * cos, torch.roll(qk, d // 2, -1), sin_s)
 
     # -- prefill --------------------------------------------------------------------------
