@@ -240,6 +240,9 @@ def test_rows_that_end_early_leave_the_batch(model, image, monkeypatch):
     got = gen.generate_batch(prompts, images, max_new_tokens=10)
     assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in ref]
     assert widths[0] == 5 and widths[-1] <= 2                            # 5 slots, then 2 or 1
+    assert gen.engine.batch_cache_bytes > 0
+    gen.engine.end_batch()                                               # the batched cache is freed
+    assert gen.engine.batch_cache_bytes == 0
 
 
 def test_generate_batch_streams_each_row_and_falls_back_one_by_one(model, image):

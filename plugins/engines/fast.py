@@ -371,6 +371,10 @@ class FastLlamaEngine:
         """n greedy tokens for each listed row; rows left out are finished (their work stops)."""
         return self._batched.steps(rows, tokens, n)
 
+    def end_batch(self) -> None:
+        """Free the batched cache and its CUDA graphs (the next begin_batch makes new ones)."""
+        self._batched = None
+
     @property
     def batch_capacity(self) -> int:
         return self._batched.capacity

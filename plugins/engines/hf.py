@@ -96,6 +96,10 @@ class HFEngine:
     def steps_batch(self, rows: list[int], tokens: list[int], n: int) -> list[list[int]]:
         return self._batched.steps(rows, tokens, n)
 
+    def end_batch(self) -> None:
+        """Free the batched cache."""
+        self._batched = None
+
     @property
     def batch_capacity(self) -> int:
         return self._batched.capacity
