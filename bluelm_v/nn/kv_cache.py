@@ -7,7 +7,8 @@ deployment process (bluelm_v.nn.llama) never loads transformers.
     cache.k[layer]  # KVCache: [kv_heads, max_len, head_dim]; positions >= cache.length are stale
 
 ``KVCache`` stores keys/values in the model dtype; ``Int8StaticKVCache`` stores int8 codes with
-one fp16 scale per (head, token). ``allocate_static`` picks the one the model is marked for
+one fp16 scale per (head, token); ``BatchedKVCache`` holds several sequences (slots) for batched
+decoding (plugins/engines/batched.py). ``allocate_static`` picks the one the model is marked for
 (``kv_cache_kind``: the ``kv8`` quantizer sets ``KV_CACHE_ATTR``). The transformers ``Cache``
 with the same storage is bluelm_v.nn.kv_cache_hf.Int8KVCache.
 """
@@ -112,6 +113,17 @@ class Int8StaticKVCache:
         keys.copy_(self.qk[i, :, :kv_len]).mul_(self.sk[i, :, :kv_len])
         values.copy_(self.qv[i, :, :kv_len]).mul_(self.sv[i, :, :kv_len])
         return keys[None], values[None]
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of a cache's keys and values: its own ``nbytes`` (property or method) where it has
+    one, else a transformers cache's per-layer ``keys`` / ``values``."""
+    nbytes = getattr(cache, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes() if callable(nbytes) else nbytes)
+    layers = getattr(cache, "layers", None) or []
+    return sum(t.numel() * t.element_size() for l in layers
+               for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
 
 
 KV_CACHE_ATTR = "bluelm_v_kv_cache"   # set to "int8" on an LLM by the kv8 quantizer

@@ -144,6 +144,10 @@ class BatchedLlama:
         """Positions each row may fill."""
         return self.kv_len
 
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
     def _compact(self, rows: list[int]) -> None:
         """Move the slots of ``rows`` (the live ones) to the front, in slot order."""
         order = sorted(rows, key=lambda r: self.slot_of[r])

@@ -27,6 +27,7 @@ from bluelm_v.nn.fusion import hooked
 from bluelm_v.nn.kv_cache import allocate_static
 from bluelm_v.nn.llama import RMSNORM_CLASSES
 
+from .batch_api import BatchAPI
 from .hf import one_at_a_time
 
 
@@ -65,7 +66,7 @@ def plain_layer(x, cos, sin_s, positions, mask, kc, vc, w_in, w_qkv, w_o, w_post
     return x.view(1, t, big)
 
 
-class FastLlamaEngine:
+class FastLlamaEngine(BatchAPI):
     """See the module docstring. API: begin(max_len), prefill(embeds, chunk) -> [V], step(token)."""
 
     name = "fast"
@@ -113,8 +114,7 @@ class FastLlamaEngine:
         self.static_step = static_step or self.use_graph
         self._graph = None
         self._step_layer_fn = plain_layer
-        self._batched = None  # BatchedLlama (batched.py), made at the first begin_batch
-        self.batch_attention = batch_attention   # its decode attention: auto | sdpa | triton
+        self.batch_attention = batch_attention   # batched decode attention: auto | sdpa | triton
         self._cpu = None      # the C-helper CPU forward (fast_cpu.py), fp32 on CPU only
         if self.device.type == "cpu" and self.dtype == torch.float32 and attention == "sdpa" and not compile:
             from bluelm_v.plugins.engines.fast_cpu import CpuPath
@@ -349,36 +349,8 @@ class FastLlamaEngine:
         self.last_logits = self.forward(emb, decode=True)
         return int(self.last_logits.argmax())
 
-    # -- batches of sequences (plugins/engines/batched.py) --------------------------------
-    def supports_batch(self) -> bool:
-        """Batched decoding keeps K/V in the model dtype: not for an INT8 (kv8) cache."""
-        from bluelm_v.nn.kv_cache import kv_cache_kind
+    def _new_batch(self):
+        """Batches of sequences over these weights (plugins/engines/batch_api.py, batched.py)."""
+        from .batched import BatchedLlama
 
-        return kv_cache_kind(self.model) != "int8"
-
-    def begin_batch(self, rows: int, max_len: int) -> None:
-        """Start ``rows`` sequences of at most ``max_len`` positions each (one batched cache)."""
-        if self._batched is None:
-            from .batched import BatchedLlama
-            self._batched = BatchedLlama(self, self.batch_attention)
-        self._batched.begin(rows, max_len)
-
-    def prefill_batch(self, embeds: list, chunk: int) -> torch.Tensor:
-        """embeds[r] [1,L_r,D] -> [rows, V] last logits, rows packed ``chunk`` tokens a forward."""
-        return self._batched.prefill(embeds, chunk)
-
-    def steps_batch(self, rows: list[int], tokens: list[int], n: int) -> list[list[int]]:
-        """n greedy tokens for each listed row; rows left out are finished (their work stops)."""
-        return self._batched.steps(rows, tokens, n)
-
-    def end_batch(self) -> None:
-        """Free the batched cache and its CUDA graphs (the next begin_batch makes new ones)."""
-        self._batched = None
-
-    @property
-    def batch_capacity(self) -> int:
-        return self._batched.capacity
-
-    @property
-    def batch_cache_bytes(self) -> int:
-        return self._batched.cache.nbytes if self._batched is not None and self._batched.cache is not None else 0
+        return BatchedLlama(self, self.batch_attention)

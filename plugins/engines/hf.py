@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from bluelm_v.model import model_dtype_device
-from bluelm_v.nn.kv_cache import kv_cache_kind
+from bluelm_v.nn.kv_cache import cache_nbytes, kv_cache_kind
+
+from .batch_api import BatchAPI
 
 
 def one_at_a_time(step, token: int, n: int) -> list[int]:
@@ -17,7 +19,7 @@ def one_at_a_time(step, token: int, n: int) -> list[int]:
     return out
 
 
-class HFEngine:
+class HFEngine(BatchAPI):
     """Any transformers causal LM: its own forward with a DynamicCache, chunk by chunk."""
 
     name = "hf"
@@ -26,7 +28,6 @@ class HFEngine:
         self.model = hf_model
         self.length = 0
         self.cache = None
-        self._batched = None  # HFBatch (hf_batch.py), made at the first begin_batch
 
     def begin(self, max_len: int) -> None:
         from transformers import DynamicCache
@@ -71,42 +72,10 @@ class HFEngine:
 
     @property
     def cache_bytes(self) -> int:
-        nbytes = getattr(self.cache, "nbytes", None)
-        if callable(nbytes):
-            return int(nbytes())
-        layers = getattr(self.cache, "layers", None) or []
-        return sum(t.numel() * t.element_size() for l in layers
-                   for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
+        return cache_nbytes(self.cache)
 
-    # -- batches of sequences (plugins/engines/hf_batch.py) -------------------------------
-    def supports_batch(self) -> bool:
-        """Batched decoding uses a DynamicCache: not for an INT8 (kv8) cache."""
-        return kv_cache_kind(self.model) != "int8"
+    def _new_batch(self):
+        """Batches of sequences (plugins/engines/batch_api.py, hf_batch.py)."""
+        from .hf_batch import HFBatch
 
-    def begin_batch(self, rows: int, max_len: int) -> None:
-        if self._batched is None:
-            from .hf_batch import HFBatch
-            self._batched = HFBatch(self)
-        self._batched.begin(rows, max_len)
-
-    def prefill_batch(self, embeds: list, chunk: int) -> torch.Tensor:
-        """embeds[r] [1,L_r,D] -> [rows, V] last logits (rows left-padded, ``chunk`` columns a call)."""
-        return self._batched.prefill(embeds, chunk)
-
-    def steps_batch(self, rows: list[int], tokens: list[int], n: int) -> list[list[int]]:
-        return self._batched.steps(rows, tokens, n)
-
-    def end_batch(self) -> None:
-        """Free the batched cache."""
-        self._batched = None
-
-    @property
-    def batch_capacity(self) -> int:
-        return self._batched.capacity
-
-    @property
-    def batch_cache_bytes(self) -> int:
-        cache = getattr(self._batched, "cache", None)
-        layers = getattr(cache, "layers", None) or []
-        return sum(t.numel() * t.element_size() for l in layers
-                   for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
+        return HFBatch(self)

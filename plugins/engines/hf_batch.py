@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from bluelm_v.nn.kv_cache import cache_nbytes
+
 
 class HFBatch:
     """Batched sequences over one HFEngine's model (see the module docstring)."""
@@ -27,6 +29,10 @@ class HFBatch:
         self.cache = DynamicCache(config=self.eng.model.config)
         self.rows, self.capacity = rows, max_len
         self.live: list[int] = list(range(rows))
+
+    @property
+    def nbytes(self) -> int:
+        return cache_nbytes(self.cache)
 
     @torch.no_grad()
     def prefill(self, embeds: list, chunk: int) -> torch.Tensor:
