@@ -303,3 +303,13 @@ def test_batched_triton_attention_decodes_the_tokens_of_sdpa():
         runs.append((first, a, b))
         assert eng._batched.triton_attn == (attention == "triton") and eng._batched.bucket == 2
     assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+def test_triton_engine_takes_a_w4_model_into_its_int4_step():
+    """engine=triton honours w4 (its quantised GEMVs run the codes) instead of refusing it."""
+    from bluelm_v.plugins.engines import triton_engine
+    from bluelm_v.plugins.engines.triton_quant import QWeight
+
+    eng = triton_engine(_quantised_tiny(False, 8), tune=False)
+    assert eng.triton_ok and all(isinstance(w, QWeight) for w in (eng.step_w[0][0][1], eng.step_w[0][0][5], eng.lm_w))

@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .fusion import fuse_linears
+from .fusion import fuse_linears, hooked
 
 FP8_MAX = 448.0                           # largest finite float8_e4m3fn
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -81,10 +81,11 @@ def attention_backend(name: str):
 def layer_weights(layer, fp8: bool):
     """A SigLIP layer's raw weights for ``siglip_layer`` (q|k|v fused in place on first use; the
     fused and FP8 tensors kept as non-persistent buffers of the layer, so freeing the encoder's
-    buffers frees them), or None when its projections are not plain nn.Linear."""
+    buffers frees them), or None when its projections are not plain, hook-free nn.Linear (a
+    quantizer's layers, a16 activation rounding: the layer's modules run)."""
     attn, mlp = layer.self_attn, layer.mlp
     lins = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2)
-    if any(type(m) is not torch.nn.Linear or m.bias is None for m in lins):
+    if any(type(m) is not torch.nn.Linear or m.bias is None or hooked(m) for m in lins):
         for name in [n for n in layer._buffers if n.startswith("fast_")]:
             del layer._buffers[name]                     # stale: the layer was quantised since
         return None
