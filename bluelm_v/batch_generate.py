@@ -49,7 +49,9 @@ def is_handle(image: Any) -> bool:
 
 def plan(gen, prompts: Sequence, images: Sequence) -> list[Row]:
     """Check every prompt and image and work out each prompt's length (module docstring, 1)."""
-    if isinstance(prompts, (str, dict)) or len(images) != len(prompts):
+    if isinstance(prompts, (str, dict)):
+        raise InputError(f"prompts: a list of prompts (got one {type(prompts).__name__}); use generate for one")
+    if len(images) != len(prompts):
         raise InputError(f"images: give one list of images per prompt ({len(prompts)} prompts, "
                          f"{len(images)} image lists)")
     per_crop, rows = gen.model.tokens_per_crop, []

@@ -273,6 +273,8 @@ def test_generate_batch_checks_every_input_before_any_work(model, image, tmp_pat
     monkeypatch.setattr(FastLlamaEngine, "begin_batch", lambda *a: pytest.fail("work started"))
     with pytest.raises(InputError, match="one list of images per prompt"):
         gen.generate_batch(["<image>", "x"], [[image]])
+    with pytest.raises(InputError, match="prompts: a list of prompts"):
+        gen.generate_batch("<image>", [[image]])
     with pytest.raises(InputError, match=r"images\[1\]\[0\]: .*missing.png' does not exist"):
         gen.generate_batch(["<image>", "<image>"], [[image], [str(tmp_path / "missing.png")]])
     with pytest.raises(InputError, match=r"prompts\[1\]: has 0 <image>"):
