@@ -140,21 +140,24 @@ def test_training_decoder_equals_the_llms_own_forward_on_padded_rows():
     assert own == pytest.approx(ref, rel=1e-5)
 
 
-def test_first_fit_decreasing_fills_rows_and_keeps_every_sample_once():
+def test_first_fit_fills_rows_and_keeps_every_sample_once():
     import random
 
-    from bluelm_v.jobs.train.packing import first_fit_decreasing
+    from bluelm_v.jobs.train.packing import first_fit
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 900) for _ in range(500)]
-    bins = first_fit_decreasing(lengths, 1024)
-    assert sorted(i for b in bins for i in b) == list(range(500))
-    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
     lower_bound = -(-sum(lengths) // 1024)
-    assert len(bins) <= 1.05 * lower_bound + 1                              # near the fewest rows possible
-    assert first_fit_decreasing([5, 5, 5], 10) == [[0, 1], [2]]             # first fit, not a new row each
+    for longest_first, slack in ((True, 1.05), (False, 1.2)):
+        bins = first_fit(lengths, 1024, longest_first=longest_first)
+        assert sorted(i for b in bins for i in b) == list(range(500))
+        assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+        assert len(bins) <= slack * lower_bound + 1                         # near the fewest rows possible
+    assert first_fit([5, 5, 5], 10) == [[0, 1], [2]]                        # first fit, not a new row each
+    assert first_fit([2, 9, 8], 10, longest_first=False) == [[0, 2], [1]]    # arrival order kept
+    assert first_fit([2, 9, 8], 10) == [[1], [2, 0]]
     with pytest.raises(ValueError, match="sample 1: 11 tokens"):
-        first_fit_decreasing([3, 11], 10)
+        first_fit([3, 11], 10)
 
 
 def test_packed_plan_deals_rows_to_ranks_and_covers_every_sample_each_epoch():

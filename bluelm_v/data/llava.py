@@ -6,6 +6,7 @@ A JSON list of {"id", "image" (relative path, optional; a list for several image
     ds = LlavaDataset("llava_v1_5_mix665k.json", "images/", tiler, tokenizer,
                       tokens_per_crop=196, max_length=2048, cache_dir="cache/")
     ds.lengths          # LLM tokens of each kept sample (text + visual), known before any image is decoded
+    ds.text_tokens, ds.crops, ds.answer_tokens      # its parts (numpy int arrays)
     ds.skipped          # Counter: reason -> count (bad samples never stop a run)
     item = ds[i]        # {"input_ids", "labels", "images": [[K,3,B,B], ...], "length", "index"}
     item = ds.get(i, fits=1500)    # a replacement, if needed, of at most 1500 tokens (packed rows)
@@ -40,7 +41,7 @@ from typing import Any
 from ..errors import InputError
 
 REASONS = ("malformed", "missing_image", "bad_image", "no_image_token", "too_many_image_tokens", "too_long")
-TEXT_SCAN_VERSION = 1
+TEXT_SCAN_VERSION = 2
 _PROBE = [{"from": "human", "value": "<image>\nWhat is shown? Ünïcode, 12345."}, {"from": "gpt", "value": "A cat."}]
 
 
@@ -65,28 +66,30 @@ def image_paths(record: dict) -> list[str]:
     return [img] if isinstance(img, str) else list(img)
 
 
-def scan_text(record: Any, tokenizer, system: str | None) -> tuple[str | None, str, int]:
-    """(reason or None, detail, text tokens without the <image> sentinels) of one record."""
+def scan_text(record: Any, tokenizer, system: str | None) -> tuple[str | None, str, int, int]:
+    """(reason or None, detail, text tokens without the <image> sentinels, answer tokens) of one
+    record."""
     from ..chat import count_placeholders, tokenize_conversation
 
     convs = record.get("conversations") if isinstance(record, dict) else None
     if (not isinstance(convs, list) or not convs
             or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in convs)
             or not any(t.get("from") in ("gpt", "assistant") for t in convs)):
-        return "malformed", "needs conversations with a gpt/assistant turn", 0
+        return "malformed", "needs conversations with a gpt/assistant turn", 0, 0
     images = image_paths(record)
     placeholders = sum(count_placeholders(t["value"]) for t in convs)
     if placeholders > len(images):
-        return "too_many_image_tokens", f"{placeholders} <image> for {len(images)} image(s)", 0
+        return "too_many_image_tokens", f"{placeholders} <image> for {len(images)} image(s)", 0, 0
     if images and placeholders < len(images):
-        return "no_image_token", f"{len(images)} image(s), {placeholders} <image>", 0
+        return "no_image_token", f"{len(images)} image(s), {placeholders} <image>", 0, 0
     try:
         tok = tokenize_conversation(convs, tokenizer, system=system)
     except InputError as exc:
-        return "malformed", str(exc), 0
-    if all(label < 0 for label in tok["labels"]):
-        return "malformed", "no assistant tokens", 0
-    return None, "", len(tok["input_ids"]) - tok["n_images"]
+        return "malformed", str(exc), 0, 0
+    answer = sum(1 for label in tok["labels"] if label >= 0)
+    if not answer:
+        return "malformed", "no assistant tokens", 0, 0
+    return None, "", len(tok["input_ids"]) - tok["n_images"], answer
 
 
 def tokenizer_fingerprint(tokenizer, system: str | None) -> str:
@@ -121,7 +124,7 @@ class LlavaDataset:
             records = records[:max_samples]
         self.n_records = len(records)
         self.scan_info: dict = {}
-        reason, detail, text = self._text_scan(records)
+        reason, detail, text, answer = self._text_scan(records)
         crops = self._crops(records, reason, detail)
         lengths = text + crops * self.tokens_per_crop
         too_long = (reason == "") & (lengths > self.max_length)
@@ -133,6 +136,7 @@ class LlavaDataset:
         keep = np.flatnonzero(reason == "")
         self.records = [records[i] for i in keep]
         self.lengths: list[int] = lengths[keep].tolist()
+        self.text_tokens, self.crops, self.answer_tokens = text[keep], crops[keep], answer[keep]   # numpy [N]
         if not self.records:
             raise InputError(f"{self.json_path}: none of its {self.n_records} samples is usable "
                              f"(skipped: {dict(self.skipped)})")
@@ -153,30 +157,33 @@ class LlavaDataset:
         return self.cache_dir / f"llava_text-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
     def _text_scan(self, records):
-        """Per record: reason ("" = usable so far), detail, text tokens (numpy arrays); cached."""
+        """Per record: reason ("" = usable so far), detail, text and answer tokens (numpy arrays); cached."""
         import numpy as np
 
         path = self._text_cache_file()
         if path is not None and path.is_file():
             try:
                 with np.load(path) as z:
-                    reason, detail, text = z["reason"].astype(object), z["detail"].astype(object), z["text"]
+                    reason, detail = z["reason"].astype(object), z["detail"].astype(object)
+                    text, answer = z["text"].astype(np.int64), z["answer"].astype(np.int64)
                 if len(reason) == len(records):
                     self.scan_info["text_cache"] = "hit"
-                    return reason, detail, text.astype(np.int64)
+                    return reason, detail, text, answer
             except (OSError, ValueError, KeyError):
                 pass                                  # a damaged cache is rebuilt, never fatal
         rows = [scan_text(rec, self.tokenizer, self.system) for rec in records]
         reason = np.array([r[0] or "" for r in rows], dtype=object)
         detail = np.array([r[1] for r in rows], dtype=object)
         text = np.array([r[2] for r in rows], dtype=np.int64)
+        answer = np.array([r[3] for r in rows], dtype=np.int64)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, reason=reason.astype(str), detail=detail.astype(str), text=text.astype(np.int32))
+            np.savez(tmp, reason=reason.astype(str), detail=detail.astype(str), text=text.astype(np.int32),
+                     answer=answer.astype(np.int32))
             os.replace(tmp, path)
             self.scan_info["text_cache"] = "written"
-        return reason, detail, text
+        return reason, detail, text, answer
 
     def _crops(self, records, reason, detail):
         """Crops of each record's images from their header sizes and the tiler (0 for text-only);

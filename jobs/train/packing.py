@@ -3,17 +3,20 @@ LLM tokens (text + visual, spliced lengths known before any image is decoded), e
 kept apart by document-masked attention with positions restarting per sample
 (jobs/train/decoder.py).
 
-    bins = first_fit_decreasing(lengths, capacity=4096)        # lists of sample indices
-    plan = PackedPlan(lengths, max_seq=4096, micro_batch=4, world_size=8, rank=r, seed=0)
+    bins = first_fit(lengths, capacity=4096)                   # lists of sample indices
+    plan = PackedPlan(lengths, max_seq=4096, micro_batch=4, world_size=8, rank=r, seed=0, longest_first=True)
     plan.steps_per_epoch                  # global batches (micro_batch * world_size rows) per epoch
     plan.rows(k)                          # this rank's rows of global batch k: lists of sample indices
     batch = collate_packed([[ds[i] for i in row] for row in plan.rows(k)], pad_id, 4096, 196)
 
 Packing runs once, offline, over a seeded permutation of all samples in windows of ``window``
-samples: inside a window the samples are sorted longest first and each goes into the first row it
-fits (first-fit decreasing, within a few percent of the fewest rows possible); the rows of every
-window together are the epoch's units, reshuffled each epoch and dealt to ranks round-robin, so
-every rank gets about ``max_seq`` tokens per row. A sample longer than ``max_seq`` cannot be packed
+samples: each sample goes into the first row of its window it fits (first fit), taken longest
+first when ``longest_first`` (first-fit decreasing: within a few percent of the fewest rows
+possible; on the synthetic LLaVA-like mix of jobs/train/mix.py, 4096-token rows are 97.5% full
+against 94.8% in the shuffled order) or in the shuffled order (rows mix lengths, and with them
+whatever correlates with length, such as the task). The rows of every window together are the
+epoch's units, reshuffled each epoch and dealt to ranks round-robin, so every rank gets about
+``max_seq`` tokens per row. A sample longer than ``max_seq`` cannot be packed
 (the data path skips it as too_long when ``data.max_length <= max_seq``).
 """
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Sequence
 from bluelm_v.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int, order: Sequence[int] | None = None) -> list[list[int]]:
-    """Indices (of ``order``, default all) packed into bins of ``capacity``: longest first, each
-    into the first open bin with room. Raises ValueError for a length above ``capacity``."""
+def first_fit(lengths: Sequence[int], capacity: int, order: Sequence[int] | None = None,
+              longest_first: bool = True) -> list[list[int]]:
+    """Indices (of ``order``, default all, in that order or longest first) packed into bins of
+    ``capacity``, each into the first open bin with room. ValueError for a length above ``capacity``."""
     import numpy as np
 
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -33,7 +37,8 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int, order: Sequence[
     if len(idx) and int(lengths[idx].max()) > capacity:
         i = int(idx[np.argmax(lengths[idx])])
         raise ValueError(f"sample {i}: {int(lengths[i])} tokens do not fit a packed row of {capacity}")
-    idx = idx[np.argsort(-lengths[idx], kind="stable")]
+    if longest_first:
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]
     room = np.empty(0, dtype=np.int64)                  # free tokens of each open bin
     bins: list[list[int]] = []
     for i in idx.tolist():
@@ -54,7 +59,7 @@ class PackedPlan:
     jobs.train.data.LengthGroupedPlan: ``steps_per_epoch``, ``rows(k)``, ``indices(k)``)."""
 
     def __init__(self, lengths: Sequence[int], max_seq: int, micro_batch: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, window: int = 4096):
+                 rank: int = 0, seed: int = 0, window: int = 4096, longest_first: bool = True):
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch plan: micro_batch={micro_batch} world_size={world_size} rank={rank}")
         import numpy as np
@@ -66,7 +71,7 @@ class PackedPlan:
         order = np.random.default_rng([seed, 1 << 20]).permutation(len(self.lengths))
         self.bins: list[list[int]] = []
         for a in range(0, len(order), max(1, window)):
-            self.bins += first_fit_decreasing(self.lengths, self.max_seq, order[a:a + window])
+            self.bins += first_fit(self.lengths, self.max_seq, order[a:a + window], longest_first)
         if len(self.bins) < self.global_batch:
             raise ValueError(f"{len(self.lengths)} samples pack into {len(self.bins)} rows of {max_seq} tokens: "
                              f"too few for one global batch of {self.global_batch} rows "

@@ -50,7 +50,7 @@ def _module_class():
             why = unsupported(lm) if self.own_decoder else None
             if why:
                 raise ValueError(f"the training decoder (packing, fused projections, chunked loss, checkpointing) "
-                                 f"cannot run this LLM: {why}")
+                                 f"cannot run this LLM: {why}; turn those off to train it through its own forward")
             device = next(model.llm.parameters()).device
             self.attention = resolve_attention(attention, device.type) if self.own_decoder else "causal"
             self.layer_fn = compiled_decoder_layer(compile_mode) if compiled_layers and self.own_decoder else None
