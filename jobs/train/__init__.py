@@ -21,7 +21,8 @@ stage figures, the stage-1 projector path, and the held-out accuracy with its ch
 Step speed options (jobs/train/speed.py, the same keys and defaults as bench/bench_train_gpu.py):
 ``train.compile`` (regional torch.compile), ``train.loss_chunk_tokens`` (chunked LM head +
 cross-entropy), ``train.sdpa_backend``, ``train.fused_projections`` (one q|k|v and one gate|up
-matmul per layer), ``train.attention`` (how packed samples are kept apart), ``train.activation_checkpointing``.
+matmul per layer), ``train.attention`` (how packed samples are kept apart), ``train.activation_checkpointing``,
+``train.encoder_tiles_per_batch`` (0: all crops of a micro-batch in one encoder call).
 Sequence packing (docs/design.md §9, jobs/train/packing.py): ``train.stage2.packing`` (on) packs
 whole samples first-fit into rows of ``train.max_seq`` tokens; ``train.packing=true|false`` sets
 both stages. Sample lengths come from a scan that decodes no image, cached in
@@ -180,7 +181,8 @@ def stage_config(cfg, n: int, data: dict, run_dir: Path, init_projector: str | N
                   "sdpa_backend": str(t.get("sdpa_backend") or "auto"),
                   "fused_projections": bool(t.get("fused_projections", False)),
                   "attention": str(t.get("attention") or "auto"),
-                  "activation_checkpointing": bool(t.get("activation_checkpointing", False))},
+                  "activation_checkpointing": bool(t.get("activation_checkpointing", False)),
+                  "encoder_tiles_per_batch": int(t.get("encoder_tiles_per_batch") or 0)},
         "init_projector": init_projector if n == 2 else None,
         "save_model": bool(t.save_model) and n == 2, "peak_tflops": t.get("peak_tflops"),
         "threads_per_worker": max(1, int(t.cpus_per_worker)),

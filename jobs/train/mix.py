@@ -80,3 +80,33 @@ def llava_mix(json_path, image_root, tiler, tokenizer, tokens_per_crop: int = 19
     ds = LlavaDataset(json_path, image_root, tiler, tokenizer, tokens_per_crop, max_length=max_length,
                       max_samples=max_samples, cache_dir=cache_dir)
     return LengthMix(str(json_path), ds.text_tokens, ds.crops, ds.answer_tokens, tokens_per_crop)
+
+
+def uniform_mix(n: int, seq: int, crops: int, tokens_per_crop: int = 196) -> LengthMix:
+    """``n`` samples of exactly ``seq`` LLM tokens, ``crops`` crops each (the padding-free case)."""
+    import numpy as np
+
+    text = seq - crops * tokens_per_crop
+    if text < 8:
+        raise ValueError(f"seq {seq} leaves no room for text after {crops} crops x {tokens_per_crop}")
+    full = np.full(n, text, dtype=np.int64)
+    return LengthMix(f"uniform {seq}", full, np.full(n, crops, dtype=np.int64), full - 4, tokens_per_crop)
+
+
+def synthetic_item(mix: LengthMix, i: int, gen, image_pool) -> dict:
+    """Sample ``i`` of ``mix`` as the dataset would return it: random token ids (one <image>
+    sentinel when it has crops), labels on its last ``answer`` tokens, its crops a slice of
+    ``image_pool`` [K_max, 3, B, B] (contents do not matter to speed)."""
+    import torch
+
+    from bluelm_v.chat import IMAGE_TOKEN_ID
+
+    text, crops, answer = int(mix.text[i]), int(mix.crops[i]), int(mix.answer[i])
+    ids = torch.randint(3, 250, (text,), generator=gen).tolist()
+    labels = [-100] * (text - answer) + ids[text - answer:]
+    images = []
+    if crops:
+        ids.insert(1, IMAGE_TOKEN_ID)
+        labels.insert(1, -100)
+        images = [image_pool[:crops]]
+    return {"input_ids": ids, "labels": labels, "images": images, "length": int(mix.lengths[i]), "index": i}

@@ -1,7 +1,8 @@
 """Speed options of the training step, shared by the train job (``bluelm_v.jobs.train.loop``) and
 ``bench/bench_train_gpu.py``: config keys ``train.compile``, ``train.compile_mode``,
 ``train.loss_chunk_tokens``, ``train.sdpa_backend``, ``train.fused_projections``,
-``train.attention``, ``train.activation_checkpointing`` (+ ``packing`` / ``max_seq``).
+``train.attention``, ``train.activation_checkpointing``, ``train.encoder_tiles_per_batch``
+(+ ``packing`` / ``max_seq``).
 
     net = apply_speed_options(model, {"compile": True, "loss_chunk_tokens": 2048, ...})   # a TrainStep
     set_sdpa_backend("flash")                  # CUDA: only this attention kernel may run (else an error)
@@ -168,7 +169,7 @@ def chunked_linear_ce(hidden, weight, targets, chunk: int = 2048, compiled: bool
 def apply_speed_options(model, options: dict):
     """The job's and the bench's one entry point. ``options`` (config keys of train.*): compile,
     compile_mode, loss_chunk_tokens, sdpa_backend, fused_projections, attention, packing, max_seq,
-    activation_checkpointing. Sets the sdpa backend, compiles the encoder layers (and the LLM's:
+    activation_checkpointing, encoder_tiles_per_batch. Sets the sdpa backend, compiles the encoder layers (and the LLM's:
     its own decoder layers for the reference path, jobs/train/decoder.py's layer function
     otherwise) and returns the TrainStep to hand to DeepSpeed (its ``.model`` is ``model``)."""
     from bluelm_v.jobs.train.step import train_step_module
@@ -180,7 +181,8 @@ def apply_speed_options(model, options: dict):
                              fused=bool(options.get("fused_projections")), attention=options.get("attention") or "auto",
                              max_seq=options.get("max_seq"), packing=bool(options.get("packing")),
                              compiled_layers=compiled, compile_mode=mode,
-                             checkpointing=bool(options.get("activation_checkpointing")))
+                             checkpointing=bool(options.get("activation_checkpointing")),
+                             encoder_tiles=int(options.get("encoder_tiles_per_batch") or 0))
     if compiled:
         compile_blocks(model, mode, llm=not step.own_decoder)
     return step

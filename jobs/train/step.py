@@ -10,7 +10,8 @@ splice is planned on the host (no device syncs), the decoder stack runs through
 jobs/train/decoder.py (fused q|k|v and gate|up matmuls, positions restarting per packed sample,
 document-masked attention; one code path for transformers' Llama and the native one) and the loss
 is the chunked LM head + cross-entropy of jobs/train/speed.py (or a plain one for
-``loss_chunk_tokens=0``). Right-padded rows need no mask: under causal attention no real token
+``loss_chunk_tokens=0``); the encoder takes every crop of the micro-batch in one call
+(``encoder_tiles=0``) instead of its configured (phone) tiles_per_batch. Right-padded rows need no mask: under causal attention no real token
 sees the padding after it, and padding carries label -100.
 
 Packed rows (``doc_lens`` given: per row, each sample's spliced length and then the padding's)
@@ -35,7 +36,8 @@ def _module_class():
 
         def __init__(self, model, loss_chunk_tokens: int = 0, compiled_loss: bool = False, fused: bool = False,
                      attention: str = "auto", max_seq: int | None = None, packing: bool = False,
-                     compiled_layers: bool = False, compile_mode: str | None = None, checkpointing: bool = False):
+                     compiled_layers: bool = False, compile_mode: str | None = None, checkpointing: bool = False,
+                     encoder_tiles: int = 0):
             super().__init__()
             if loss_chunk_tokens < 0:
                 raise ValueError(f"loss_chunk_tokens {loss_chunk_tokens} must be >= 0")
@@ -43,6 +45,7 @@ def _module_class():
             self.loss_chunk_tokens, self.compiled_loss = int(loss_chunk_tokens), bool(compiled_loss)
             self.fused, self.checkpointing, self.packing = bool(fused), bool(checkpointing), bool(packing)
             self.max_seq = int(max_seq) if max_seq else None
+            self.encoder_tiles = int(encoder_tiles)       # 0: every crop of the micro-batch in one call
             self.own_decoder = self.packing or self.fused or self.checkpointing or self.loss_chunk_tokens > 0
             if self.packing and not self.max_seq:
                 raise ValueError("packing needs max_seq (the packed row length)")
@@ -54,6 +57,12 @@ def _module_class():
             device = next(model.llm.parameters()).device
             self.attention = resolve_attention(attention, device.type) if self.own_decoder else "causal"
             self.layer_fn = compiled_decoder_layer(compile_mode) if compiled_layers and self.own_decoder else None
+
+        def _visual(self, pixels):
+            """[K,3,B,B] -> [K*T', D]: ``encoder_tiles`` crops per encoder call (0: all K at once,
+            no patch-embedding pipeline: that overlap pays on a phone, not in a training step)."""
+            tiles = self.encoder_tiles or int(pixels.shape[0])
+            return self.model.encode_images(pixels, tiles_per_batch=tiles, pipelined=False if not self.encoder_tiles else None)
 
         def forward(self, input_ids, labels, images, attention_mask=None, doc_lens=None):
             """Host (CPU) or device tensors; host ones are moved without stream synchronisation."""
@@ -68,8 +77,7 @@ def _module_class():
             host = [None if t is None else t.cpu() for t in (input_ids, attention_mask, labels)]
             plan = SplicePlan.build(*host, [int(im.shape[0]) * m.tokens_per_crop for im in images])
             text = m.llm.embed(to_device(input_ids.clamp(min=0), dev))           # [B, L, D]
-            visual = (m.encode_images(torch.cat(images)) if images               # [sum N, D]
-                      else text.new_zeros(0, text.shape[-1]))
+            visual = self._visual(torch.cat(images)) if images else text.new_zeros(0, text.shape[-1])   # [sum N, D]
             embeds, targets = plan.embeds(text, visual), plan.labels             # [B, L', D], [B, L']
             if doc_lens is not None:
                 embeds, targets = _to_length(embeds, targets, self.max_seq)
