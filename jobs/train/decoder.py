@@ -70,6 +70,8 @@ def attention_layout(kind: str, doc_lens: list[list[int]] | None, length: int, d
     attention (``key_mask`` [B, L]: a 0/1 padding mask that is not right-padding)."""
     import torch
 
+    from bluelm_v.splice import to_device
+
     if doc_lens is None:
         b = 1 if key_mask is None else key_mask.shape[0]
         pos = torch.arange(length, device=device)[None].expand(b, length)          # [B, L]
@@ -83,11 +85,11 @@ def attention_layout(kind: str, doc_lens: list[list[int]] | None, length: int, d
     lens = [torch.tensor(row, dtype=torch.long) for row in doc_lens]
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in doc_lens])   # [B, L]
     doc = torch.stack([torch.repeat_interleave(torch.arange(len(x)), x) for x in lens])    # [B, L]
-    pos = pos.to(device, non_blocking=True)
+    pos = to_device(pos, device)                                               # pinned, no stream sync
     if kind == "varlen":
         cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(lens).cumsum(0)]).to(torch.int32)
-        return AttentionLayout("varlen", pos, cu_seqlens=cu.to(device, non_blocking=True), max_len=length)
-    doc = doc.to(device, non_blocking=True)
+        return AttentionLayout("varlen", pos, cu_seqlens=to_device(cu, device), max_len=length)
+    doc = to_device(doc, device)
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
