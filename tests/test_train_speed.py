@@ -1,4 +1,4 @@
-"""Training step speed options (jobs/train/speed.py): the chunked LM-head + cross-entropy
+"""Training step speed options (jobs/train/speed.py, loss.py): the chunked LM-head + cross-entropy
 gives transformers' loss and the same gradients on the tiny model (padded batch, mask dropped),
 its compile-ready formulation computes the same function, and the config keys are validated."""
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_chunked_loss_matches_transformers_loss_and_grads_on_padded_batch():
 def test_fused_chunk_formulation_equals_eager_one():
     import torch
 
-    from bluelm_v.jobs.train.speed import ce_chunk_eager, ce_chunk_fused
+    from bluelm_v.jobs.train.loss import ce_chunk_eager, ce_chunk_fused
 
     gen = torch.Generator().manual_seed(2)
     h, w = torch.randn(9, 16, generator=gen), torch.randn(50, 16, generator=gen)
@@ -92,20 +92,20 @@ def test_compiled_loss_path_pads_chunks_and_keeps_loss_and_grads(monkeypatch):
     # stands in for its torch.compile'd form (same maths, no compiler needed here).
     import torch
 
-    from bluelm_v.jobs.train import speed
+    from bluelm_v.jobs.train import loss
 
-    monkeypatch.setitem(speed._COMPILED_CHUNK, "fn", speed.ce_chunk_fused)
+    monkeypatch.setitem(loss._COMPILED_CHUNK, "fn", loss.ce_chunk_fused)
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(300, 16, generator=gen, requires_grad=True)                 # [N, D]
     w = torch.randn(50, 16, generator=gen, requires_grad=True)                  # [V, D]
     y = torch.randint(0, 50, (300,), generator=gen)
     y[::7] = -100
-    loss = speed.chunked_linear_ce(h, w, y, chunk=100, compiled=True)          # chunks of 100 -> padded to 128
-    loss.backward()
+    out = loss.chunked_linear_ce(h, w, y, chunk=100, compiled=True)           # chunks of 100 -> padded to 128
+    out.backward()
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = torch.nn.functional.cross_entropy(h2 @ w2.t(), y, ignore_index=-100)
     ref.backward()
-    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert float(out.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
 

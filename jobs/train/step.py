@@ -9,7 +9,7 @@ loss over full [B, L, V] fp32 logits); it runs when nothing below asks for more.
 splice is planned on the host (no device syncs), the decoder stack runs through
 jobs/train/decoder.py (fused q|k|v and gate|up matmuls, positions restarting per packed sample,
 document-masked attention; one code path for transformers' Llama and the native one) and the loss
-is the chunked LM head + cross-entropy of jobs/train/speed.py (or a plain one for
+is the chunked LM head + cross-entropy of jobs/train/loss.py (or a plain one for
 ``loss_chunk_tokens=0``); the encoder takes every crop of the micro-batch in one call
 (``encoder_tiles=0``) instead of its configured (phone) tiles_per_batch. Right-padded rows need no mask: under causal attention no real token
 sees the padding after it, and padding carries label -100.
@@ -28,7 +28,7 @@ def _module_class():
 
     from bluelm_v.jobs.train.decoder import (attention_layout, compiled_decoder_layer, decoder_hidden,
                                              resolve_attention, unsupported)
-    from bluelm_v.jobs.train.speed import chunked_linear_ce
+    from bluelm_v.jobs.train.loss import chunked_linear_ce
     from bluelm_v.splice import SplicePlan, to_device
 
     class TrainStep(torch.nn.Module):
