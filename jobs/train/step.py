@@ -83,6 +83,9 @@ def _module_class():
                 embeds, targets = _to_length(embeds, targets, self.max_seq)
                 layout = attention_layout(self.attention, doc_lens, self.max_seq, dev)
             else:
+                if plan.right_padded:   # a row's text padding stays in it after the splice: cut to the longest real row
+                    longest = int(plan.attention_mask.sum(1).max())
+                    embeds, targets = embeds[:, :longest], targets[:, :longest]
                 key_mask = None if plan.right_padded else plan.attention_mask
                 layout = attention_layout(self.attention, None, embeds.shape[1], dev, key_mask=key_mask)
             m.check_context(embeds.shape[1])
