@@ -45,7 +45,7 @@ class BlueLMV(torch.nn.Module):
         super().__init__()
         self.tiler = tiler
         self.encoder, self.downsampler, self.projector, self.llm = encoder, downsampler, projector, llm
-        if tiler is not None and getattr(tiler, "tile_size", encoder.image_size) != encoder.image_size:
+        if tiler is not None and tiler.tile_size != encoder.image_size:     # bluelm_v.types.Tiler has one
             raise ConfigError(f"tiler.tile_size: {tiler.tile_size} but the encoder takes "
                               f"{encoder.image_size} px tiles")
 
@@ -133,11 +133,6 @@ class BlueLMV(torch.nn.Module):
         if n_tokens > self.llm.max_context:
             raise InputError(f"input: {n_tokens} tokens after splicing the images exceed "
                              f"the LLM context of {self.llm.max_context}")
-
-    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Parameters per part (training freezes/decays them per part)."""
-        return {name: list(getattr(self, name).parameters())
-                for name in ("encoder", "downsampler", "projector", "llm")}
 
 
 def model_dtype_device(hf_model):

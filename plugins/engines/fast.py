@@ -9,7 +9,8 @@ What makes it fast (and what the GPU decode rows of bench/bench_gpu.py measure):
   * a fixed-shape decode step (whole static cache + additive position mask, token and position
     in device buffers): on CUDA it is captured once as a CUDA graph and replayed per token;
     ``compile=True`` additionally compiles the per-layer function with torch.compile
-Quantised projections (any module that is not exactly nn.Linear) are simply called.
+Quantised projections (any module that is not exactly nn.Linear) and layers with forward hooks
+(the ``a16`` activation rounding) are called as modules, never read as raw weights.
 On CPU in fp32 (fp32 static cache, a C compiler present) ``forward`` takes the C-helper path of
 plugins/engines/fast_cpu.py instead (RMSNorm / RoPE+cache write / SiLU / decode attention in C,
 quantised q|k|v and gate|up fused, a w4/w8 decode step as direct kernel calls). Prefill computes
@@ -24,12 +25,14 @@ from bluelm_v.model import model_dtype_device
 from bluelm_v.nn.kv_cache import allocate_static
 from bluelm_v.nn.llama import RMSNORM_CLASSES
 
+from .fast_cpu import hooked
 from .hf import one_at_a_time
 
 def _fuse(module, names):
-    """Concatenate plain nn.Linear weights into one tensor and make each a view of it."""
+    """Concatenate plain nn.Linear weights into one tensor and make each a view of it (None
+    when one is not a plain, hook-free nn.Linear)."""
     mods = [getattr(module, n, None) for n in names]
-    if any(type(m) is not torch.nn.Linear for m in mods):
+    if any(type(m) is not torch.nn.Linear or hooked(m) for m in mods):
         return None
     ws = [m.weight for m in mods]
     if any(w.device != ws[0].device or w.dtype != ws[0].dtype for w in ws):
@@ -151,6 +154,7 @@ class FastLlamaEngine:
         if self.qkv[i] is None or self.gate_up[i] is None or self.qkv[i][1] is not None or \
                 self.gate_up[i][1] is not None or any(type(n).__name__ not in RMSNORM_CLASSES for n in norms) or \
                 type(a.o_proj) is not torch.nn.Linear or type(m.down_proj) is not torch.nn.Linear or \
+                hooked(a.o_proj) or hooked(m.down_proj) or \
                 a.o_proj.bias is not None or m.down_proj.bias is not None or \
                 getattr(self.model.config, "hidden_act", "silu") != "silu":
             return None
@@ -190,7 +194,8 @@ class FastLlamaEngine:
     @staticmethod
     def _proj_residual(module, x, residual):
         """residual + module(x), the add folded into the matmul when module is a plain Linear."""
-        if type(module) is torch.nn.Linear and module.bias is None and x.dtype == module.weight.dtype:
+        if type(module) is torch.nn.Linear and module.bias is None and x.dtype == module.weight.dtype and \
+                not hooked(module):
             out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]),
                               module.weight.t())
             return out.view(residual.shape)
