@@ -59,6 +59,10 @@ class BlueLMV(torch.nn.Module):
             registry = from_config(cfg)[1]
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
         tiler = registry.create_from_config("tiler", get("tiler"), "tiler") if get("tiler") is not None else None
+        if tiler is not None and getattr(tiler, "crops_for_encoder", True) is False:
+            raise ConfigError(f"tiler: '{get('tiler').get('name')}' decides sizes and visual tokens only (for "
+                              f"+experiment=ablate_tiling / tiling_sweep); a model needs a tiler that cuts crops, "
+                              f"e.g. tiler=relaxed")
         encoder = registry.create_from_config("encoder", get("encoder"), "encoder")
         downsampler = registry.create_from_config("downsampler", get("downsampler"), "downsampler",
                                                   in_dim=encoder.hidden_size)

@@ -92,6 +92,12 @@ def check_tiler(compose, option, tmp_path):
     assert [t.select(int(w), int(h)) for w, h in zip(ws, hs)] == list(zip(ms.tolist(), ns.tolist()))
     crops = np.asarray(t.num_crops(ms, ns))                     # vectorised, thumbnail counted
     assert crops.shape == (4,) and (crops >= ms * ns).all() and (crops <= ms * ns + 1).all()
+    if getattr(t, "crops_for_encoder", True) is False:          # a sizes-and-tokens rule: no crops
+        from bluelm_v.errors import InputError
+        assert np.asarray(t.tokens(ws, hs)).shape == (4,)
+        with pytest.raises(InputError, match="decides sizes and visual tokens only"):
+            t.transform(Image.new("RGB", (200, 120)))
+        return
     c = t.transform(Image.new("RGB", (200, 120), (10, 200, 30)))
     b = t.tile_size
     assert isinstance(c, Crops) and tuple(c.grid) == t.select(200, 120)

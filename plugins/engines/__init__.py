@@ -10,6 +10,8 @@
     nxt = eng.step(token_id)                              # one greedy decode step (t1)
     toks = eng.steps(token_id, n)                         # n steps (CUDA graphs: queued, read once)
     eng.decode_chunk, eng.length, eng.cache, eng.device, eng.name, eng.cache_bytes
+    eng.begin_batch(rows, max_len); eng.prefill_batch(embeds, chunk); eng.steps_batch(rows, tokens, n)
+                                                          # batches of sequences (batch_api.py)
 
 Engines (the modules beside this one; torch is imported only when one is created):
   hf      the model's own forward with a DynamicCache (any transformers causal LM)
@@ -19,9 +21,10 @@ Engines (the modules beside this one; torch is imported only when one is created
   auto    fast where the model is Llama-family and supported, else hf
 
 Quantizer settings: hf, fast and auto honour every one the model carries (w4/w8 layers run as
-modules, a16 activation rounding hooks run, kv8 gives an INT8 cache). triton runs plain weights
-only: a quantised model (or any model its kernels cannot take) is refused with one line naming
-the setting, never run silently on another step.
+modules, a16 activation rounding hooks run, kv8 gives an INT8 cache). triton runs plain, w4 and
+w8 weights (its quantised GEMVs unpack them: triton_quant.py); a16 and kv8 (or any model its
+kernels cannot take) are refused with one line naming the setting, never run silently on another
+step.
 """
 from __future__ import annotations
 
@@ -90,17 +93,17 @@ def triton_engine(model, tune: bool = True, tune_budget_s: float = 150.0, pdl: b
 
     from .triton_step import TritonDecodeEngine
 
-    settings = applied_settings(model)
-    if settings:
-        raise ConfigError(f"engine=triton cannot honour quantizer setting(s) {describe_settings(settings)}: "
-                          "its Triton decode step runs plain weights and an fp KV cache only; use "
+    refused = {k: v for k, v in applied_settings(model).items() if k not in ("w4", "w8")}
+    if refused:
+        raise ConfigError(f"engine=triton cannot honour quantizer setting(s) {describe_settings(refused)}: "
+                          "its Triton decode step runs plain, w4 or w8 weights and an fp KV cache only; use "
                           "engine=fast (or auto) with this quantizer, or quantizer=none with engine=triton")
     engine = TritonDecodeEngine(model, configs=configs, tune=tune, tune_budget_s=tune_budget_s,
                                 pdl=pdl, prefetch=prefetch, fuse=fuse)
     if not engine.triton_ok:
         raise ConfigError(f"engine=triton cannot run this LLM ({type(model).__name__}, {engine.dtype}, head_dim "
-                          f"{engine.head_dim}) as Triton kernels: they need bias-free Llama layers, an "
-                          "nn.Linear head, fp32/bf16/fp16 and a power-of-two head_dim; use engine=fast")
+                          f"{engine.head_dim}) as Triton kernels: they need bias-free Llama layers (plain, or w4/w8 "
+                          "with fp32 activations), fp32/bf16/fp16 and a power-of-two head_dim; use engine=fast")
     return engine
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bluelm_v.nn.fusion import hooked
 from bluelm_v.nn.kernels import cpu_layer_ops
 from bluelm_v.nn.llama import RMSNORM_CLASSES
 
@@ -66,11 +67,6 @@ def fuse_quantized(module, names):
         m.__dict__.pop("_ptr_cache", None)
         m._device_kernels.clear()
     return fused
-
-
-def hooked(module) -> bool:
-    """A module whose forward hooks (e.g. the a16 activation fake-quant) must run."""
-    return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
 def direct_matvec(mod):

@@ -115,6 +115,7 @@ class Tiler:
     answers (1, 1), one view, and the ablation writes no m / n / crops columns for them."""
 
     has_grid = True
+    crops_for_encoder = True   # False: a rule that decides sizes and tokens only (ablation, sweep); no transform
     skip_reason = ""  # the reason of the sizes ``_decide`` marks ``skipped`` (rules whose reference can fail)
 
     def __init__(self, tile_size: int = 384, thumbnail: str = "first", tokens_per_crop: int = 196):
@@ -123,6 +124,13 @@ class Tiler:
         self.tile_size = int(tile_size)
         self.thumbnail = thumbnail
         self.tokens_per_crop = int(tokens_per_crop)
+
+    def refuse_transform(self, why: str):
+        """The one-line error of a rule whose views this model's encoder cannot take."""
+        from bluelm_v.errors import InputError
+
+        raise InputError(f"tiler '{type(self).__name__}' decides sizes and visual tokens only (the tiling "
+                         f"ablation and sweep): {why}")
 
     # -- subclasses --------------------------------------------------------------------------
     def reference(self, w: int, h: int) -> dict:

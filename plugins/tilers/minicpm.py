@@ -55,6 +55,8 @@ def find_best_resize_many(width, height, scale, patch, allow_upscale=False):
 class MiniCPMVTiler(Tiler):
     """MiniCPM-V slicing: up to 9 slices of ~448^2 px chosen by log aspect ratio + a source view."""
 
+    crops_for_encoder = False
+
     def __init__(self, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14,
                  version: float = 2.6):
         if version not in QUERIES:
@@ -129,7 +131,4 @@ class MiniCPMVTiler(Tiler):
                 "encoder_pixels": np.where(sliced, sw * sh + refine, unsliced)}
 
     def transform(self, image):
-        from bluelm_v.errors import InputError
-
-        raise InputError(f"tiler '{type(self).__name__}' decides sizes and visual tokens only (the tiling "
-                         f"ablation): its slices are not B x B crops for this model's encoder")
+        self.refuse_transform("its slices are not B x B crops for this model's encoder")

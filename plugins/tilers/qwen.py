@@ -44,6 +44,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 class Qwen2VLTiler(Tiler):
     """Qwen2-VL smart_resize: one variable-size view, (h'/28)(w'/28) tokens, no tiles."""
 
+    crops_for_encoder = False
+
     has_grid = False
     skip_reason = ASPECT_SKIP
 
@@ -88,10 +90,7 @@ class Qwen2VLTiler(Tiler):
         return m * n  # one view
 
     def transform(self, image):
-        from bluelm_v.errors import InputError
-
-        raise InputError(f"tiler '{type(self).__name__}' decides sizes and visual tokens only (the tiling "
-                         f"ablation): its one variable-size view is not a set of B x B crops for this model's encoder")
+        self.refuse_transform("its one variable-size view is not a set of B x B crops for this model's encoder")
 
 
 class Qwen3VLTiler(Qwen2VLTiler):
