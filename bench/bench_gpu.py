@@ -1,4 +1,4 @@
-"""GPU benchmark (one H100 through the device tool): the so400m encoder on 9 tiles and the
+"""GPU benchmark (one CUDA GPU; figures in docs/results.md §3): the so400m encoder on 9 tiles and the
 bluelm_3b_proxy decode speed, against transformers and the memory-bandwidth limit. Prints a table.
 
     python bench/bench_gpu.py                    # on the GPU machine (needs torch, transformers, pluggy)

@@ -10,7 +10,7 @@ class ConfigError(BlueLMVError, ValueError):
 
 
 class UnknownComponentError(ConfigError, KeyError):
-    """A registered name was asked for that no plugin provides."""
+    """A component name that no plugin registered."""
 
     def __str__(self):  # KeyError would quote the message
         return self.args[0] if self.args else ""

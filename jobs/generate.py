@@ -43,7 +43,7 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
+        raise ConfigError("device: cuda is set but torch sees no CUDA device")
     return name
 
 
