@@ -16,6 +16,7 @@ and replaced by the next usable sample so every rank keeps its batch size. Reaso
     malformed              not a record with a list of human/gpt turns and an assistant answer
     missing_image          the image file does not exist
     bad_image              the file is not a readable image (header or full decode), or 0 px
+    too_large              more pixels than images.max_pixels (a decompression-bomb guard)
     no_image_token         an image is given but no <image> placeholder in the text
     too_many_image_tokens  more <image> placeholders than images (incl. text-only records)
     too_long               text + visual tokens exceed max_length
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .image_sizes import max_image_pixels, open_image, read_image_size
 
-REASONS = ("malformed", "missing_image", "bad_image", "no_image_token", "too_many_image_tokens", "too_long")
+REASONS = ("malformed", "missing_image", "bad_image", "too_large", "no_image_token", "too_many_image_tokens",
+           "too_long")
 
 
 def load_records(json_path: str | Path) -> list:
@@ -113,6 +116,9 @@ class LlavaDataset:
             size = self._header_size(path)
             if size is None:
                 return self.skip(rec, "bad_image", str(path))
+            limit = max_image_pixels()
+            if limit is not None and size[0] * size[1] > limit:
+                return self.skip(rec, "too_large", f"{path}: {size[0]}x{size[1]} > {limit:,} pixels")
             m, n = self.tiler.select(*size)
             crops += int(self.tiler.num_crops(m, n))
         try:
@@ -128,14 +134,8 @@ class LlavaDataset:
 
     @staticmethod
     def _header_size(path: Path) -> tuple[int, int] | None:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:   # reads the header only
-                w, h = im.size
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-            return None
-        return (w, h) if w > 0 and h > 0 else None
+        w, h, reason = read_image_size(path, check_end=False)   # the header only, any size
+        return (w, h) if reason == "ok" else None
 
     # -- items --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -143,11 +143,9 @@ class LlavaDataset:
 
     def load_images(self, index: int) -> list:
         """Each image of sample ``index`` through the tiler -> list of [K,3,B,B] tensors."""
-        from PIL import Image
-
         out = []
         for rel in image_paths(self.records[index]):
-            with Image.open(self.image_root / rel) as im:
+            with open_image(self.image_root / rel, str(rel)) as im:
                 out.append(self.tiler.transform(im.convert("RGB")).pixels)   # [K, 3, B, B]
         return out
 

@@ -34,6 +34,10 @@ import numpy as np
 
 from bluelm_v.errors import ConfigError
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): the
+# ablation's reference tiler takes its parameters from `tiler` (tiler.alpha=0.2 applies).
+USES = ("tiler",)
+
 DECISION_EXTRA_COLUMNS = ("row", "line", "id", "image", "source")
 
 
