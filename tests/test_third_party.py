@@ -60,6 +60,21 @@ def test_third_party_tiler_selectable_in_config(third_party_env):
     assert out.stdout.strip() == "(1, 1) 448 []"
 
 
+def test_docs_show_the_fixture_files_as_they_are():
+    """docs/plugins.md's examples are the tested fixture files, character for character."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "plugins.md").read_text()
+    shown = dict(re.findall(r"```python\n# (tests/plugin_fixture/\S+)\n(.*?)\n```", text, re.S))
+    files = sorted(p.name for p in (repo / "tests/plugin_fixture/bluelm_v_fixture").glob("*.py")
+                   if p.name not in ("__init__.py", "broken.py"))
+    assert sorted(Path(k).name for k in shown) == files
+    for path, code in shown.items():
+        assert code == (repo / path).read_text().rstrip(), f"docs/plugins.md shows an old {path}"
+
+
 def test_fixture_quantizer_rounds_saves_and_loads(third_party_env, tmp_path, monkeypatch):
     import torch
 
@@ -78,6 +93,12 @@ def test_fixture_quantizer_rounds_saves_and_loads(third_party_env, tmp_path, mon
     assert torch.equal(fresh[0].weight, model[0].weight)
     with pytest.raises(ValueError, match="saved with"):
         Fp16Round(targets=["llm"]).load(fresh, tmp_path)
+    from bluelm_v.nn.meta_build import RandomInit
+
+    with torch.device("meta"):                        # the memory job's way: built on meta, filled per layer
+        meta = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    Fp16Round(targets=["all"]).apply(meta, materialize=RandomInit(0))
+    assert not meta[0].weight.is_meta and torch.equal(meta[0].weight, meta[0].weight.half().float())
 
 
 def test_fixture_model_engine_quantizer_and_logger_through_generate(third_party_env, tmp_path):

@@ -23,16 +23,21 @@ class Fp16Round:
         return {p: getattr(model, p) for p in self.targets if hasattr(model, p)}
 
     def apply(self, model, materialize=None):
-        """Round in place and return the model (``materialize`` is for models built on the meta
-        device; this quantizer needs real weights)."""
+        """Round in place, layer by layer, and return the model. A model built on the meta device
+        comes with ``materialize(name, module)``, which gives a layer real weights first."""
         import torch
 
         with torch.no_grad():
             for part in self._parts(model).values():
-                for p in part.parameters():
-                    if p.is_floating_point():
-                        p.copy_(p.to(torch.float16).to(p.dtype))
-                        self.rounded += 1
+                for name, module in part.named_modules():
+                    own = list(module.parameters(recurse=False))
+                    if materialize is not None and any(p.is_meta for p in own):
+                        materialize(name, module)
+                        own = list(module.parameters(recurse=False))
+                    for p in own:
+                        if p.is_floating_point() and not p.is_meta:
+                            p.copy_(p.to(torch.float16).to(p.dtype))
+                            self.rounded += 1
         return model
 
     def prepare(self, model):
