@@ -1,5 +1,7 @@
 """Connecting to Ray: a local cluster started here by default, ``ray.address=auto`` on a cluster
-(what ``ray job submit`` sets up), or an explicit ``ray://``/``host:port`` address.
+(what ``ray job submit`` sets up), or an explicit ``ray://``/``host:port`` address. A job that
+``ray job submit`` started (RAY_ADDRESS set) joins that cluster in any case; a cluster that a
+``ray start`` on this machine left running is never joined unless asked for.
 
 A cluster started here stays on this machine (conf/ray/local.yaml):
   loopback_only: true   Ray's single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what Ray uses
@@ -46,6 +48,8 @@ def _apply(env: dict[str, str]) -> None:
 def connect(ray_cfg) -> dict:
     """Initialise Ray once per process from the ``ray`` config node; returns what was done."""
     address = ray_cfg.get("address") if ray_cfg is not None else None
+    if address in (None, "", "local") and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]     # set by `ray job submit` (or the user): join that cluster
     local = address in (None, "", "local")
     if local:
         _apply(local_env(ray_cfg))
@@ -57,9 +61,10 @@ def connect(ray_cfg) -> dict:
     get = ray_cfg.get if ray_cfg is not None else (lambda key, default=None: default)
     kwargs = dict(ignore_reinit_error=True, log_to_driver=bool(get("log_to_driver", True)),
                   runtime_env={"env_vars": env_vars} if env_vars else None)
-    if local:
-        ray.init(num_cpus=get("num_cpus"), include_dashboard=bool(get("include_dashboard", False)),
-                 dashboard_host="127.0.0.1", object_store_memory=get("object_store_memory"), **kwargs)
+    if local:   # "local": a new cluster, not the one a `ray start` on this machine left behind
+        ray.init(address="local", num_cpus=get("num_cpus"), dashboard_host="127.0.0.1",
+                 include_dashboard=bool(get("include_dashboard", False)),
+                 object_store_memory=get("object_store_memory"), **kwargs)
         return {"address": "local", "node_ip": ray.util.get_node_ip_address(),
                 "num_cpus": ray.cluster_resources().get("CPU")}
     ray.init(address=address, **kwargs)
