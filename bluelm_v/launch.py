@@ -104,8 +104,9 @@ def _finish(job: str, result: dict, wall_s: float, report) -> dict:
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, schema=None) -> dict:
     """Everything the launcher does after composition (also used by tests and notebooks).
-    With ``overrides`` and ``schema`` (the config without the user's key=value overrides) the
-    keys are checked too. summary.json is written whatever stops the job."""
+    With the command line's ``overrides`` the keys are checked too, against ``schema`` (the config
+    without the user's key=value overrides; composed here inside a Hydra run when not given).
+    summary.json is written whatever stops the job."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     job = str(cfg.get("job", {}).get("name") or "?")
@@ -115,7 +116,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     try:
         pm, registry, report = plugins.from_config(cfg)
         dropped = []
-        if overrides is not None and schema is not None:
+        if overrides is not None:
+            schema = composition.schema(overrides) if schema is None else schema
             composition.check_overrides(cfg, overrides, schema, job_module(job), registry)
             dropped = _drop(cfg, composition.experiment_leftovers(cfg, overrides, registry))
         validate(cfg, registry)
@@ -169,10 +171,8 @@ def _task(cfg: DictConfig) -> None:
         os.environ.pop(_FULL_ERROR, None)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    overrides = list(hc.overrides.task)
-    schema = composition.schema(overrides)
     try:
-        summary = run(cfg, run_dir, overrides, schema)
+        summary = run(cfg, run_dir, list(hc.overrides.task))
     except BlueLMVError as exc:
         print(f"bluelm-v: error: {exc}", file=sys.stderr)
         print(f"bluelm-v: summary.json and partial results (if any) are in {run_dir}", file=sys.stderr)
