@@ -65,8 +65,7 @@ def connect(ray_cfg) -> dict:
         ray.init(address="local", num_cpus=get("num_cpus"), dashboard_host="127.0.0.1",
                  include_dashboard=bool(get("include_dashboard", False)),
                  object_store_memory=get("object_store_memory"), **kwargs)
-        return {"address": "local", "node_ip": ray.util.get_node_ip_address(),
-                "num_cpus": ray.cluster_resources().get("CPU")}
+        return {"address": "local", "num_cpus": ray.cluster_resources().get("CPU")}
     ray.init(address=address, **kwargs)
     return {"address": address, "num_cpus": ray.cluster_resources().get("CPU")}
 

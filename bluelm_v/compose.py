@@ -73,9 +73,10 @@ def store_component_nodes(registry) -> list[tuple[str, str]]:
 
     store, conf, stored = ConfigStore.instance(), resources.files(CONF_MODULE), []
     for family in registry.families():
+        clashing = registry[family].clashes()
         for name in registry[family].names():
-            if (conf / family / f"{name}.yaml").is_file():
-                continue
+            if (conf / family / f"{name}.yaml").is_file() or name in clashing:
+                continue                  # a name two plugins register fails where it is used
             provider = registry[family].describe(name)["provider"]
             store.store(group=family, name=name, node=component_node(registry, family, name),
                         provider=str(provider))

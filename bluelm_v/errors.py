@@ -26,3 +26,8 @@ class PluginLoadError(BlueLMVError):
 
 class InputError(BlueLMVError, ValueError):
     """A user input (an image, a prompt, a data file) is unusable; the message names it."""
+
+
+class ContractError(BlueLMVError):
+    """A component does not have its family's shape (bluelm_v.types): names the component, its
+    plugin and what is missing."""

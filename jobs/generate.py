@@ -39,6 +39,17 @@ def _images(cfg) -> list[str]:
     return [str(i) for i in image]
 
 
+def _device(name: str) -> str:
+    """``device``: auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
+    return name
+
+
 def validate(cfg, registry) -> None:
     n = cfg.get("max_new_tokens", 64)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -51,6 +62,8 @@ def validate(cfg, registry) -> None:
     chunk = runtime.get("prefill_chunk", 128)
     if not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"runtime.prefill_chunk: must be an integer >= 1, got {chunk!r}")
+    if cfg.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {cfg.get('device')!r} is not one of auto, cpu, cuda")
     if not isinstance(cfg.get("prompt"), str):
         raise ConfigError("prompt: must be a string")
 
@@ -71,7 +84,7 @@ def run(ctx) -> dict:
         raise InputError(f"prompt: has {placeholders} <image> placeholder(s) but {len(images)} image(s) "
                          f"were given (image={cfg.get('image')!r}); put one <image> where each image goes")
     t0 = time.perf_counter()
-    model = BlueLMV.from_config(cfg, ctx.registry)
+    model = BlueLMV.from_config(cfg, ctx.registry).to(_device(cfg.get("device", "auto")))
     if cfg.get("quantizer") is not None:          # e.g. quantizer=w4: rewrites weights in place
         ctx.create("quantizer").apply(model)
     load_s = time.perf_counter() - t0

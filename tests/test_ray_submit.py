@@ -172,7 +172,7 @@ for p in procs:
                  if c.status == psutil.CONN_LISTEN or (c.type == 2 and c.laddr)]
     except psutil.Error:
         pass
-print(json.dumps({"info": info, "listen": rows, "usage_stats": usage_lib.usage_stats_enabled(),
+print(json.dumps({"info": info, "node_ip": ray.util.get_node_ip_address(), "listen": rows, "usage_stats": usage_lib.usage_stats_enabled(),
                   "auth": os.environ.get("RAY_AUTH_MODE")}))
 ray.shutdown()
 """
@@ -184,7 +184,7 @@ def test_launcher_local_cluster_is_loopback_only_without_usage_stats_and_with_to
                          timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["info"]["node_ip"] == "127.0.0.1"
+    assert report["info"]["address"] == "local" and report["node_ip"] == "127.0.0.1"
     names = {name for name, _, _ in report["listen"]}
     assert {"gcs_server", "raylet"} <= names, report["listen"]
     assert all(loopback(ip) for _, ip, _ in report["listen"]), report["listen"]
