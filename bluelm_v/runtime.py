@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import batch_generate, chat
+from .data.image_sizes import open_image
 from .errors import InputError
 
 RUNTIME_DEFAULTS = dict(prefill_chunk=128, release_encoder=False, threads=None, system=None)
@@ -68,8 +69,10 @@ def load_image(image: Any, name: str = "image"):
         if path.stat().st_size == 0:
             raise InputError(f"{name}: {str(path)!r} is empty (0 bytes)")
         try:
-            img = Image.open(path)
+            img = open_image(path, name)      # refuses more pixels than images.max_pixels
             img.load()
+        except InputError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{name}: {str(path)!r} is not a readable image ({exc})") from None
     if img.width <= 0 or img.height <= 0:

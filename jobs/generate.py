@@ -26,6 +26,9 @@ import time
 from bluelm_v.errors import ConfigError, InputError
 from bluelm_v.runtime import RUNTIME_DEFAULTS, load_image
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "engine", "quantizer")
+
 
 def _images(cfg) -> list[str]:
     image = cfg.get("image")

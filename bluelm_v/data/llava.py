@@ -25,6 +25,7 @@ next usable sample (no longer than ``fits``) so every rank keeps its batch. Reas
     malformed              not a record with a list of human/gpt turns and an assistant answer
     missing_image          the image file does not exist
     bad_image              the file is not a readable image (header or full decode), or 0 px
+    too_large              more pixels than images.max_pixels (a decompression-bomb guard)
     no_image_token         an image is given but no <image> placeholder in the text
     too_many_image_tokens  more <image> placeholders than images (incl. text-only records)
     too_long               text + visual tokens exceed max_length
@@ -39,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .image_sizes import max_image_pixels, open_image
 
-REASONS = ("malformed", "missing_image", "bad_image", "no_image_token", "too_many_image_tokens", "too_long")
+REASONS = ("malformed", "missing_image", "bad_image", "too_large", "no_image_token", "too_many_image_tokens",
+           "too_long")
 TEXT_SCAN_VERSION = 2
 _PROBE = [{"from": "human", "value": "<image>\nWhat is shown? Ünïcode, 12345."}, {"from": "gpt", "value": "A cat."}]
 
@@ -203,11 +206,17 @@ class LlavaDataset:
         w, h, why = sizes["width"].to_numpy(), sizes["height"].to_numpy(), sizes["reason"].to_numpy()
         owner = np.asarray(owner)
         ok = why == "ok"
-        for j in np.flatnonzero(~ok):
+        limit = max_image_pixels()                    # images.max_pixels: a decompression-bomb guard
+        big = ok & (w.astype(np.int64) * h.astype(np.int64) > limit) if limit is not None else ok & False
+        for j in np.flatnonzero(~ok | big):
             i = owner[j]
-            if reason[i] == "":
+            if reason[i] == "" and big[j]:
+                reason[i] = "too_large"
+                detail[i] = f"{self.image_root / paths[j]}: {w[j]}x{h[j]} > {limit:,} pixels"
+            elif reason[i] == "":
                 reason[i] = "missing_image" if why[j] == "missing_file" else "bad_image"
                 detail[i] = f"{self.image_root / paths[j]} ({why[j]})"
+        ok &= ~big
         if ok.any():
             m, n = self.tiler.select_many(w[ok], h[ok])
             np.add.at(crops, owner[ok], np.asarray(self.tiler.num_crops(m, n), dtype=np.int64))
@@ -234,11 +243,9 @@ class LlavaDataset:
 
     def load_images(self, index: int) -> list:
         """Each image of sample ``index`` through the tiler -> list of [K,3,B,B] tensors."""
-        from PIL import Image
-
         out = []
         for rel in image_paths(self.records[index]):
-            with Image.open(self.image_root / rel) as im:
+            with open_image(self.image_root / rel, str(rel)) as im:
                 out.append(self.tiler.transform(im.convert("RGB")).pixels)   # [K, 3, B, B]
         return out
 

@@ -41,6 +41,9 @@ import numpy as np
 
 from bluelm_v.errors import ConfigError
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): `tiler`
+# applies to the compared tiler of the same name (tiler.alpha=0.2 sets relaxed's alpha).
+USES = ("tiler",)
 
 DECISION_EXTRA_COLUMNS = ("row", "line", "id", "image", "source")
 

@@ -33,6 +33,11 @@ from bluelm_v.jobs.benchmark.store import ResultStore
 from bluelm_v.errors import ConfigError
 from bluelm_v.job import write_json
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): the
+# model the host backends build; quantizers come from the cases, backends from job.devices.
+USES = ("tiler", "encoder", "downsampler", "projector", "llm")
+OPEN_NODES = ("job.cases",)   # case fields are checked by cases.check_case
+
 PROTOCOL_KEYS = ("warmup", "trials", "max_spread", "extra_trials", "cool_down_s")
 
 

@@ -27,6 +27,11 @@ import numpy as np
 
 from bluelm_v.errors import ConfigError
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): none, the
+# settings come from sweep.grid, whose labels and parameter lists the job checks itself.
+USES = ()
+OPEN_NODES = ("sweep.grid",)
+
 
 def _plain(node):
     if hasattr(node, "_metadata"):

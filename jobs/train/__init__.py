@@ -40,6 +40,10 @@ from omegaconf import OmegaConf
 from bluelm_v.errors import ConfigError
 from bluelm_v.job import write_json
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "deepspeed")
+OPEN_NODES = ("deepspeed",)   # a DeepSpeed config: DeepSpeed checks its keys
+
 PARTS = ("encoder", "downsampler", "projector", "llm")
 
 
