@@ -133,7 +133,7 @@ def bench_scan(count: int, folder: str | None, repeats: int) -> None:
     rows.append(("1 worker (this process)", secs))
     cpus = os.cpu_count() or 1
     for n_cpus in sorted({1, cpus}):
-        ray.init(num_cpus=n_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=n_cpus, include_dashboard=False, log_to_driver=False)
         per_task = max(50, len(names) // (4 * n_cpus))
         scan_parallel(root, names[: per_task * n_cpus], files_per_task=per_task)  # start the workers
         secs, table = best_of(lambda: scan_parallel(root, names, files_per_task=per_task), repeats)

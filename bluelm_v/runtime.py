@@ -193,7 +193,7 @@ class Generator:
             if not path.is_file() or path.stat().st_size == 0:
                 load_image(image, name)                   # raises the precise InputError
             try:
-                with Image.open(path) as img:
+                with open_image(path, name) as img:
                     size = img.size
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
                 raise InputError(f"{name}: {str(path)!r} is not a readable image ({exc})") from None

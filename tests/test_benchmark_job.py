@@ -23,7 +23,7 @@ PAPER_SWEEPS = {"tiles_per_batch": [1, 2, 4, 6], "prefill_chunk": [32, 128, 512,
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -88,10 +88,12 @@ def load_photo(path, size):
 
     from PIL import Image
 
+    from bluelm_v.data.image_sizes import open_image
+
     if not path:
         spec = importlib.util.find_spec("skimage")
         path = os.path.join(spec.submodule_search_locations[0], "data", "astronaut.png")
-    return Image.open(path).convert("RGB").resize(tuple(size), Image.BICUBIC)
+    return open_image(path, "job.image").convert("RGB").resize(tuple(size), Image.BICUBIC)
 
 
 def main(config_path: str, ckpt: str, out_path: str) -> None:

@@ -77,7 +77,7 @@ def evaluate(module, records: list[dict], image_root: str | Path, tiler, tokeniz
     """Accuracy over ``records`` (overall, per ``kind`` and per ``seen_pair`` when present)."""
     import torch
     import torch.distributed as dist
-    from PIL import Image
+    from bluelm_v.data.image_sizes import open_image
 
     from bluelm_v.chat import prompt_ids
 
@@ -100,7 +100,7 @@ def evaluate(module, records: list[dict], image_root: str | Path, tiler, tokeniz
         for i, rec in enumerate(shard):
             pixels = None
             if rec.get("image"):
-                with Image.open(Path(image_root) / rec["image"]) as im:
+                with open_image(Path(image_root) / rec["image"], f"eval record {rec.get('id', i)}") as im:
                     pixels = tiler.transform(im.convert("RGB")).pixels        # [K, 3, B, B]
             prompt = prompt_ids(tokenizer, prompt_turns(rec), system)
             gen = greedy_decode(module, prompt, pixels, max_new_tokens, device)
