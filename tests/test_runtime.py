@@ -318,3 +318,15 @@ def test_generate_batch_releases_the_encoder_after_the_last_batch(image):
     got = gen.generate_batch(prompts, images, max_new_tokens=4, batch_size=2)    # 3 batches
     assert [r.token_ids for r in got] == want and gen.encoder_released
     assert sum(p.numel() for p in model.encoder.parameters()) == 0
+
+
+def test_engine_preparation_is_timed_apart_from_decode(model, image):
+    """A one-time engine preparation (CUDA graph capture, the Triton tuner's search) runs after
+    the first token and is reported as engine_prepare_s, outside decode_s and its tokens/s."""
+    import time as _time
+
+    gen = Generator(model)
+    gen.engine.prepare = lambda: _time.sleep(0.4)
+    t = gen.generate("<image>\nHi", [image], max_new_tokens=4).timings
+    assert t["engine_prepare_s"] >= 0.4 and t["decode_s"] < 0.4
+    assert t["total_s"] >= t["ttft_s"] + t["engine_prepare_s"] + t["decode_s"] - 1e-6
