@@ -1,0 +1,229 @@
+"""Table 2 on one GPU without Ray: the tiler ablation's per-tiler two-stage training and evaluation in
+one process, through the functions the jobs use, and evaluation throughput batched vs one by one.
+
+    python3 bench/bench_table2_gpu.py --out DIR                       # one H200: four tilers, < 9 min
+    python3 bench/bench_table2_gpu.py --smoke --out /tmp/t2           # CPU check in a few minutes
+    python3 bench/bench_table2_gpu.py --tilers relaxed,single --set ablation.train.stage2.steps=200
+
+Shared with ``+experiment=tiler_ablation``: the composed config (conf/experiment/tiler_ablation.yaml,
+then ``--set KEY=VALUE`` overrides; ``--smoke``: tiler_ablation_tiny), the benchmark
+(``jobs.tiler_ablation.benchmark_data`` -> bluelm_v.data.fine_print), each tiler's train and
+evaluate configs (``child_configs``), each stage's plain config (``jobs.train.stage_config``), the
+model build (``jobs.train.loop.build_model``), freezing, parameter groups with ViT layer decay,
+warm-up + cosine schedule, data plan and collate (``jobs.train.optim`` / ``data``), the loss path
+(``jobs.train.speed``), answering and scoring (``jobs.evaluate.answer`` / ``scoring`` /
+``summarise``), phone pricing (``jobs.tiler_ablation.phone_seconds``) and the table
+(``jobs.tiler_ablation.report``). Different: one process, no Ray, no DeepSpeed (torch AdamW,
+fused on CUDA, fp32 master weights under bf16 autocast, gradient clipping 1.0 as
+conf/deepspeed/zero2.yaml), samples loaded by a thread pool, stage 2 continues from stage 1's
+model object in memory (the job reloads the same projector from disk). Prints the table and
+writes DIR/results.json + DIR/report.md + DIR/accuracy_vs_tokens.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(args):
+    from bluelm_v.jobs.tiler_ablation import compose as compose_root
+
+    exp = "tiler_ablation_tiny" if args.smoke else "tiler_ablation"
+    sets = list(args.set)
+    if args.tilers:
+        sets.append(f"ablation.tilers=[{args.tilers}]")
+    if args.smoke:
+        sets += ["dataset.generate.n=24", "ablation.train.stage1.steps=2", "ablation.train.stage2.steps=4",
+                 "ablation.phone.max_images=4"]
+    return compose_root([f"+experiment={exp}", *sets])
+
+
+def train_stage(model, config: dict, registry, device, pool) -> dict:
+    """One stage as jobs/train/loop.train_stage runs it, on ``model`` (its trainable parts set here)."""
+    import torch
+
+    from bluelm_v.data.llava import LlavaDataset
+    from bluelm_v.jobs.train.data import LengthGroupedPlan, collate
+    from bluelm_v.jobs.train.optim import build_param_groups, freeze_except, lr_multiplier, set_lr, warmup_steps_for
+    from bluelm_v.jobs.train.speed import apply_speed_options
+
+    tiler = registry.create_from_config("tiler", config["tiler"], "train.tiler")
+    freeze_except(model, config["trainable"])
+    model.train()
+    net = apply_speed_options(model, config["speed"])
+    opt = config["optim"]
+    groups = build_param_groups(model, config["trainable"], opt["lr"], opt["weight_decay"], opt.get("layer_decay", 1.0))
+    scales = [g.pop("lr_scale") for g in groups]
+    for g in groups:
+        g.pop("name")
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+                                  weight_decay=opt["weight_decay"], **({"fused": True} if cuda else {}))
+    data = config["data"]
+    ds = LlavaDataset(data["json"], data["image_root"], tiler, model.tokenizer, model.tokens_per_crop,
+                      max_length=data["max_length"], system=data.get("system"))
+    micro, accum = int(config["micro_batch"]), int(config["grad_accum"])
+    plan = LengthGroupedPlan(ds.lengths, micro, 1, 0, seed=int(config["seed"]), group_by_length=data["group_by_length"])
+    total = int(config["steps"])
+    warmup = warmup_steps_for(total, float(opt["warmup_ratio"]))
+    batches = [plan.indices(k) for k in range(total * accum)]
+    ahead = [pool.submit(lambda idx: [ds[i] for i in idx], batches[k]) for k in range(min(4, len(batches)))]
+    losses, tokens, t0, t_first = [], 0, time.perf_counter(), None
+    for step in range(total):
+        set_lr(optimizer, float(opt["lr"]), scales, lr_multiplier(step, total, warmup, float(opt.get("min_lr_ratio", 0.0))))
+        for a in range(accum):
+            k = step * accum + a
+            items = ahead.pop(0).result()
+            if k + len(ahead) + 1 < len(batches):
+                ahead.append(pool.submit(lambda idx: [ds[i] for i in idx], batches[k + len(ahead) + 1]))
+            batch = collate(items, model.tokenizer.pad_token_id)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"], images=[im.to(device, non_blocking=True) for im in batch["images"]])
+            (out.loss / accum).backward()
+            tokens += batch["llm_tokens"]
+            losses.append(out.loss.detach())
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            t_first, tokens_first = time.perf_counter(), tokens
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    steady = time.perf_counter() - (t_first or t0)
+    curve = [float(x) for x in torch.stack(losses).float().cpu()]
+    return {"steps": total, "wall_s": wall, "first_loss": curve[0], "final_loss": sum(curve[-accum * 5:]) / len(curve[-accum * 5:]),
+            "tokens_per_s": (tokens - tokens_first) / steady if total > 1 else tokens / wall, "skipped": dict(ds.skipped),
+            "samples": total * accum * micro}
+
+
+def evaluate(model, eval_cfg, registry, questions, batch_size: int) -> tuple[list[dict], float]:
+    from bluelm_v.jobs.evaluate.answer import answer_questions
+    from bluelm_v.runtime import Generator
+
+    ev = eval_cfg.evaluate
+    gen = Generator(model, engine=eval_cfg.engine, registry=registry, prefill_chunk=ev.get("prefill_chunk") or 128)
+    t0 = time.perf_counter()
+    records = answer_questions(gen, questions, batch_size=batch_size, max_new_tokens=int(ev.max_new_tokens),
+                               prefill_chunk=ev.get("prefill_chunk"), tiles_per_batch=ev.get("tiles_per_batch"))
+    gen.sync()
+    seconds = time.perf_counter() - t0
+    gen.close()
+    return records, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="/tmp/bench_table2")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 tilers, a handful of steps (CPU)")
+    ap.add_argument("--tilers", default="", help="comma list (default: the experiment's ablation.tilers)")
+    ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--throughput-questions", type=int, default=256, help="questions timed batched vs one by one")
+    args = ap.parse_args()
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from bluelm_v.data.vqa import read_questions, reference_text
+    from bluelm_v.jobs.evaluate import scoring, summarise
+    from bluelm_v.jobs.tiler_ablation import benchmark_data, child_configs, phone_seconds, report
+    from bluelm_v.jobs.train import stage_config
+    from bluelm_v.jobs.train.loop import build_model
+    from bluelm_v.plugin_manager import get
+
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = compose(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    _, registry, _ = get()
+    data = benchmark_data(cfg, out)
+    print(f"data ready in {time.perf_counter() - t_start:.0f} s: {data['test']}", flush=True)
+    scenes = [json.loads(x) for x in Path(data["scenes"]).read_text().splitlines()]
+    sizes = [(s["width"], s["height"]) for s in scenes if s["image"].startswith("images/test/")]
+    sizes = sizes[: int(cfg.ablation.phone.max_images)]
+    phone = OmegaConf.to_container(cfg.ablation.phone, resolve=True)
+    rows, throughput = [], None
+    with ThreadPoolExecutor(max(2, min(16, (torch.get_num_threads() or 2)))) as pool:
+        for name in OmegaConf.to_container(cfg.ablation.tilers):
+            t_tiler = time.perf_counter()
+            train_cfg, eval_cfg = child_configs(cfg, name, data, out / "runs" / name)
+            stages = {}
+            model = None
+            for n in (1, 2):
+                config = stage_config(train_cfg, n, {f"stage{k}": {"json": data[f"stage{k}"], "image_root": data["image_root"]}
+                                                     for k in (1, 2)} | {"eval": {"json": None, "image_root": None}},
+                                      out / "runs" / name / "train", None)
+                config["steps"] = int(config["steps"])
+                if model is None:
+                    model = build_model(config, registry, device)
+                stages[f"stage{n}"] = train_stage(model, config, registry, device, pool)
+                print(f"{name} stage {n}: {stages[f'stage{n}']['steps']} steps in {stages[f'stage{n}']['wall_s']:.0f} s, "
+                      f"loss {stages[f'stage{n}']['first_loss']:.3f} -> {stages[f'stage{n}']['final_loss']:.3f}, "
+                      f"{stages[f'stage{n}']['tokens_per_s']:.0f} tok/s", flush=True)
+            model.eval()
+            model.tiler = registry.create_from_config("tiler", train_cfg.tiler, "tiler")
+            if device.type == "cuda":
+                model = model.to(torch.bfloat16)
+            ev = eval_cfg.evaluate
+            questions = read_questions(eval_cfg.dataset.path, eval_cfg.dataset.image_root)[: ev.get("max_questions") or None]
+            records, seconds = evaluate(model, eval_cfg, registry, questions, int(ev.batch_size))
+            by_id = {q["id"]: q for q in questions}
+            scored = []
+            for rec in records:
+                q = by_id[rec["id"]]
+                row = {"id": q["id"], "answer": reference_text(q), "prediction": rec.get("prediction"), "metric": q["metric"],
+                       "category": q.get("category"), "l2_category": q.get("l2_category"),
+                       "visual_tokens": rec.get("visual_tokens"), "score": None}
+                if rec.get("skipped"):
+                    row["skipped"] = rec["skipped"]
+                else:
+                    row.update(scoring.score_prediction(q, rec["prediction"]))
+                scored.append(row)
+            summary = summarise(scored, ev)
+            summary.update(questions_per_s=len(questions) / seconds, answer_s=seconds)
+            if throughput is None:                      # the first tiler's model: batched vs one by one
+                sub = questions[: args.throughput_questions]
+                _, t_batched = evaluate(model, eval_cfg, registry, sub, int(ev.batch_size))
+                _, t_single = evaluate(model, eval_cfg, registry, sub, 1)
+                throughput = {"tiler": name, "questions": len(sub), "batch_size": int(ev.batch_size),
+                              "batched_q_per_s": len(sub) / t_batched, "one_by_one_q_per_s": len(sub) / t_single}
+            train = {"tokens_per_s": {k: v["tokens_per_s"] for k, v in stages.items()}, "wall_s": sum(v["wall_s"] for v in stages.values()),
+                     **stages, "checkpoint": None}
+            rows.append({"tiler": name, "train": train, "evaluate": summary,
+                         "phone": phone_seconds(OmegaConf.to_container(train_cfg.tiler), phone, sizes)})
+            print(f"{name}: {summary['n_scored']} questions in {seconds:.0f} s ({summary['questions_per_s']:.1f} q/s), "
+                  f"reading {summary['by_category'].get('reading', {}).get('score')}, "
+                  f"coarse {summary['by_category'].get('coarse', {}).get('score')}; tiler total "
+                  f"{time.perf_counter() - t_tiler:.0f} s", flush=True)
+            (out / "results.json").write_text(json.dumps({"rows": rows, "throughput": throughput}, indent=1, default=str))
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    table = report.table(rows)
+    meta = json.loads(Path(data["meta"]).read_text())
+    paths = report.write(out, table, meta, cfg)
+    print()
+    print(Path(paths["report"]).read_text())
+    if throughput:
+        print(f"evaluation throughput ({throughput['tiler']}, {throughput['questions']} questions, {device}): "
+              f"batch {throughput['batch_size']}: {throughput['batched_q_per_s']:.1f} q/s, one at a time: "
+              f"{throughput['one_by_one_q_per_s']:.1f} q/s")
+    print(f"total {time.perf_counter() - t_start:.0f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "table": table, "throughput": throughput,
+                                                  "total_s": time.perf_counter() - t_start}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
