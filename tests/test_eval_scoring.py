@@ -157,3 +157,33 @@ def test_jsonl_reader_metrics_and_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question_id": 1, "image": "a.png", "answer": "x"}) + "\n")
     with pytest.raises(InputError, match="line 1: missing required field 'text'"):
         read_questions(tmp_path / "bad.jsonl")
+
+
+def test_summary_of_known_predictions_matches_hand_computation():
+    """Six questions with known predictions through score_prediction + the job's summary."""
+    from omegaconf import OmegaConf
+
+    from bluelm_v.jobs.evaluate import summarise
+
+    qs = [  # (question, prediction, hand-computed score)
+        ({"id": "a", "metric": "choice", "options": OPTIONS, "answers": ["B"], "category": "mc"}, "(B)", 1.0),
+        ({"id": "b", "metric": "choice", "options": OPTIONS, "answers": ["A"], "category": "mc"}, "A or C", 0.0),
+        ({"id": "c", "metric": "anls", "answers": ["4713"], "category": "ocr"}, "4712", 0.75),
+        ({"id": "d", "metric": "anls", "answers": ["hello"], "category": "ocr"}, "help", 0.6),
+        ({"id": "e", "metric": "vqa", "answers": ["2", "2"] + ["3"] * 8, "category": "vqa"}, "two", (8 * 2 / 3 + 2 / 3) / 10),
+        ({"id": "f", "metric": "exact", "answers": ["Red"], "category": "vqa"}, "red.", 1.0),
+    ]
+    records = []
+    for q, pred, expected in qs:
+        out = scoring.score_prediction(q, pred)
+        assert out["score"] == pytest.approx(expected), q["id"]
+        records.append({**q, **out, "visual_tokens": 10})
+    records.append({"id": "g", "metric": "exact", "category": "vqa", "score": None, "skipped": "missing_image"})
+    s = summarise(records, OmegaConf.create({"bootstrap": 500, "seed": 1}))
+    total = 1.0 + 0.0 + 0.75 + 0.6 + (8 * 2 / 3 + 2 / 3) / 10 + 1.0
+    assert s["n_questions"] == 7 and s["n_scored"] == 6 and s["skipped"] == {"missing_image": 1}
+    assert s["score"] == pytest.approx(total / 6)
+    assert s["by_category"]["ocr"]["score"] == pytest.approx(0.675) and s["by_category"]["mc"]["score"] == 0.5
+    assert s["by_category"]["vqa"]["n"] == 2 and s["choice_not_extracted"] == 1
+    lo, hi = s["score_ci95"]
+    assert lo < total / 6 < hi

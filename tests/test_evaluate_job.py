@@ -137,6 +137,8 @@ def test_checkpoint_roundtrip_and_shape_mismatch(compose, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_and_generate_with_a_checkpoint(compose, ray_cluster, bench, tmp_path):
+    import yaml
+
     root, paths = bench
     ckpt, _ = write_checkpoint(compose, tmp_path / "train")
     cfg = compose(["+experiment=evaluate", f"dataset.path={paths['test']['jsonl']}", f"checkpoint={ckpt}", *TINY,
@@ -145,13 +147,15 @@ def test_evaluate_and_generate_with_a_checkpoint(compose, ray_cluster, bench, tm
     assert summary["model"]["checkpoint"] == str(ckpt) and summary["n_scored"] == 6
     first = json.loads((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     image = first["images"][0]
-    gen = compose(["+experiment=generate", f"checkpoint={ckpt}", f"image={image}", "max_new_tokens=4",
-                   "stream=false", f"prompt={json.dumps(first['prompt'])}"])
+    gen = compose(["+experiment=generate", f"checkpoint={ckpt}", f"image={image}", "max_new_tokens=4", "stream=false"])
+    gen.prompt = first["prompt"]                                # the evaluation's prompt, newline included
     out = launch.run(gen, tmp_path / "gen")
     assert out["status"] == "ok" and out["text"].strip() == first["prediction"]   # the same trained weights
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
-    (bad / "config.yaml").write_text((bad / "config.yaml").read_text().replace("vila_2x2", "identity"))
+    nodes = yaml.safe_load((bad / "config.yaml").read_text())
+    nodes["downsampler"] = {"name": "identity"}                         # the projector now takes 64, not 256
+    (bad / "config.yaml").write_text(yaml.safe_dump(nodes))
     cfg = compose(["+experiment=evaluate", f"dataset.path={paths['test']['jsonl']}", f"checkpoint={bad}", *TINY])
     with pytest.raises(ConfigError, match="model.safetensors has projector.* needs \\[64\\]"):
         launch.run(cfg, tmp_path / "eval_bad")

@@ -23,8 +23,8 @@ and a*V/W px wide; the text counts as unreadable at that view when the smaller o
 below UNREADABLE_PX = 4 px (under a third of a 14-px ViT patch: digits blur into one another).
 Every label's font size is the largest whose glyphs are at most TARGET_PX = 3.5 px at V x V,
 jittered down to 85%; at the image's own resolution the same glyphs are about 3.5x larger
-(8-12 px), and a 3x3 grid of V-px tiles shows them at 7-11 px. ``legible_px`` states the rule;
-tests/test_fine_print.py checks it on every label of a generated set.
+(7-15 px), and the grid the relaxed tiler picks shows each at least twice as large as the V x V
+view. ``legible_px`` states the rule; tests/test_fine_print.py checks it on every label.
 
 Files (SPLIT = train | val | test; images under images/SPLIT/):
     SPLIT.jsonl   one question a line (LLaVA / lmms-eval style: question_id, image, text, answer,
@@ -74,7 +74,7 @@ def _font(size: int):
 def glyph_size(text: str, font_size: int) -> tuple[float, float]:
     """(cap height, mean advance width) in px of ``text`` at ``font_size``."""
     font = _font(font_size)
-    top, bottom = font.getbbox("0")[1], font.getbbox("0")[3]
+    _, top, _, bottom = font.getbbox("0")
     return float(bottom - top), font.getlength(text) / max(1, len(text))
 
 
@@ -290,8 +290,7 @@ def _turn(q: dict, as_choice: bool, first: bool) -> list[dict]:
 
 def _caption(scene: dict) -> str:
     s = scene["shape"]
-    return (f"A {scene['background']} {scene['source']} with a large {s['fill']} {s['name']} "
-            f"and four small labels.")
+    return f"A {scene['background']} {scene['source']} with a large {s['fill']} {s['name']} and four small labels."
 
 
 def write_split(out: Path, split: str, scenes: list[dict], seed: int, tsv_images: str, mc_fraction: float) -> dict:
@@ -369,8 +368,7 @@ def generate(out_dir, n: int = 2000, seed: int = 0, view: int = 384, val_fractio
         with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(aspects,)) as pool:
             built = pool.map(_build, everything, chunksize=8)
     else:
-        _init_worker(aspects)
-        built = [_build(j) for j in everything]
+        built = [_init_worker(aspects) or _build(j) for j in everything]
     paths = {"image_root": str(out), "meta": str(meta_path)}
     for split in SPLITS:
         scenes = [s for s in built if s["image"].startswith(f"images/{split}/")]

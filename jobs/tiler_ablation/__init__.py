@@ -89,9 +89,13 @@ def validate(cfg, registry) -> None:
     if ab.get("parallel") is not None and (not isinstance(ab.parallel, int) or ab.parallel < 1):
         raise ConfigError(f"ablation.parallel: null or a positive integer, got {ab.parallel!r}")
     registry.validate_node("backend", ab.phone.backend, "ablation.phone.backend")
-    train, _ = child_configs(cfg, names[0], {"stage1": "-", "stage2": "-", "image_root": "-", "test": "-"}, Path("."))
     from bluelm_v.launch import validate as validate_job
-    validate_job(OmegaConf.merge(train, {"train": {"data": {"source": "shapes"}}}), registry)
+
+    train, _ = child_configs(cfg, names[0], {"stage1": "-", "stage2": "-", "image_root": "-", "test": "-"}, Path("."))
+    try:                                   # the per-tiler train config, its data paths aside
+        validate_job(OmegaConf.merge(train, {"train": {"data": {"source": "shapes"}}}), registry)
+    except ConfigError as exc:
+        raise ConfigError(f"ablation.train (the per-tiler train job's config): {exc}") from None
 
 
 # -- composing the per-tiler jobs ----------------------------------------------------------------

@@ -81,8 +81,10 @@ def write(run_dir: Path, rows: list[dict], meta: dict, cfg) -> dict:
     pic = plot(rows, run_dir / "accuracy_vs_tokens.png")
     if pic:
         lines += ["", f"![accuracy against visual tokens]({pic.name})"]
-    lines += ["", "Per-tiler runs (train summary, evaluation report):", ""]
-    lines += [f"- {r['tiler']}: `runs/{r['tiler']}/train/summary.json`, `{r['evaluation']}`" for r in rows]
+    runs = [r for r in rows if r["evaluation"]]
+    if runs:
+        lines += ["", "Per-tiler runs (train summary, evaluation report):", ""]
+        lines += [f"- {r['tiler']}: `runs/{r['tiler']}/train/summary.json`, `{r['evaluation']}`" for r in runs]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return {"report": str(path), "plot_png": str(pic) if pic else None}
