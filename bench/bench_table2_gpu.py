@@ -31,13 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def compose(args):
     from bluelm_v.jobs.tiler_ablation import compose as compose_root
@@ -310,5 +306,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

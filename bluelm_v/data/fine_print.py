@@ -357,6 +357,8 @@ def generate(out_dir, n: int = 2000, seed: int = 0, view: int = 384, val_fractio
         raise ValueError(f"fine_print: need >= 1 image per split, view >= 32, tsv_images path|base64 (got {params}, {counts})")
     from multiprocessing import get_context
 
+    from ..job import progress
+
     aspects = coco_aspects()
     jobs, start = {}, 0
     for split in SPLITS:
@@ -364,11 +366,13 @@ def generate(out_dir, n: int = 2000, seed: int = 0, view: int = 384, val_fractio
         jobs[split] = [(start + i, seed, view, str(out), f"images/{split}/{start + i:06d}.png") for i in range(counts[split])]
         start += counts[split]
     everything = [j for split in SPLITS for j in jobs[split]]
-    if workers > 1:
-        with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(aspects,)) as pool:
-            built = pool.map(_build, everything, chunksize=8)
-    else:
-        built = [_init_worker(aspects) or _build(j) for j in everything]
+    with progress(total=len(everything), desc="fine_print images", unit="img") as bar:
+        if workers > 1:
+            with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(aspects,)) as pool:
+                built = [s for s in pool.imap(_build, everything, chunksize=8) if bar.update(1) or True]
+        else:
+            _init_worker(aspects)
+            built = [s for s in map(_build, everything) if bar.update(1) or True]
     paths = {"image_root": str(out), "meta": str(meta_path)}
     for split in SPLITS:
         scenes = [s for s in built if s["image"].startswith(f"images/{split}/")]

@@ -241,7 +241,7 @@ def run(ctx) -> dict:
                    shards=len(shards), shards_reused=len(shards) - len(pending), workers=info.get("workers"),
                    questions_per_s=(len(answered) / info["answer_wall_s"]) if pending and info["answer_wall_s"] else None,
                    predictions=str(ctx.run_dir / "predictions.jsonl"))
-    summary["report"] = str(report.write(ctx.run_dir, records, summary, n_examples=int(ev.get("examples", 6))))
+    summary["report"] = str(report.write(ctx.run_dir, records, summary, by_id, n_examples=int(ev.get("examples", 6))))
     ctx.log_metrics({"eval/score": summary["score"] or 0.0, "eval/n_scored": summary["n_scored"]})
     return summary
 

@@ -44,15 +44,16 @@ def plot_scores(rows: list[tuple[str, dict]], path: Path) -> Path | None:
     return path
 
 
-def render_example(record: dict, path: Path, width: int = 520) -> Path | None:
+def render_example(record: dict, question: dict, path: Path, width: int = 520) -> Path | None:
     """The question's first image (scaled to ``width``) above its question, answer and prediction."""
     from PIL import Image, ImageDraw, ImageFont
 
-    image = None
-    if record.get("images") and record["images"][0] and Path(record["images"][0]).is_file():
-        with Image.open(record["images"][0]) as im:
-            image = im.convert("RGB")
-            image.thumbnail((width, width))
+    from bluelm_v.jobs.evaluate.answer import load_question_images
+
+    pictures, _, _ = load_question_images(question)
+    image = pictures[0] if pictures else None
+    if image is not None:
+        image.thumbnail((width, width))
     font = ImageFont.load_default(size=14)
     question = record["prompt"].replace("<image>\n", "")
     lines = []
@@ -81,7 +82,8 @@ def pick_examples(records: list[dict], n: int) -> list[dict]:
     return right + wrong
 
 
-def write(run_dir: Path, records: list[dict], summary: dict, n_examples: int = 6) -> Path:
+def write(run_dir: Path, records: list[dict], summary: dict, questions: dict, n_examples: int = 6) -> Path:
+    """report.md (+ scores.png, examples/); ``questions``: id -> question, for the pictures."""
     rows = score_rows(summary)
     lines = ["# Evaluation", "",
              f"Dataset `{summary['dataset']}`; model: "
@@ -107,7 +109,7 @@ def write(run_dir: Path, records: list[dict], summary: dict, n_examples: int = 6
         (run_dir / "examples").mkdir(exist_ok=True)
         lines += ["", "## Examples", ""]
         for k, rec in enumerate(examples):
-            pic = render_example(rec, run_dir / "examples" / f"example_{k}.png")
+            pic = render_example(rec, questions[rec["id"]], run_dir / "examples" / f"example_{k}.png")
             lines += [f"![{rec['id']}](examples/{pic.name})", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
