@@ -68,7 +68,7 @@ def run(ctx) -> dict:
 
     cfg = ctx.cfg
     images = _images(cfg)
-    prompt = cfg.prompt
+    prompt = cfg.prompt.replace("\\n", "\n")     # a typed \n (Hydra keeps it literal) is a newline
     for i, path in enumerate(images):          # fail on a bad image before loading any model
         load_image(path, "image" if len(images) == 1 else f"image[{i}]")
     placeholders = prompt.count("<image>")

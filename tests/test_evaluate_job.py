@@ -159,3 +159,29 @@ def test_evaluate_and_generate_with_a_checkpoint(compose, ray_cluster, bench, tm
     cfg = compose(["+experiment=evaluate", f"dataset.path={paths['test']['jsonl']}", f"checkpoint={bad}", *TINY])
     with pytest.raises(ConfigError, match="model.safetensors has projector.* needs \\[64\\]"):
         launch.run(cfg, tmp_path / "eval_bad")
+
+
+def test_stage1_checkpoint_keeps_the_seeded_encoder_and_llm(compose, tmp_path):
+    """After stage 1 alone the checkpoint holds the connector; the rest is the seeded initial model."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bluelm_v.checkpoint import export_train_checkpoint, load_checkpoint
+    from bluelm_v.model import BlueLMV
+    from bluelm_v.plugin_manager import get
+
+    cfg = compose(["+experiment=train_tiny", "train.stage=1"])
+    torch.manual_seed(int(cfg.train.seed))
+    init = BlueLMV.from_config(cfg, get()[1])
+    connector = {f"{p}.{k}": v + 1.0 for p in ("projector", "downsampler") for k, v in getattr(init, p).state_dict().items()}
+    (tmp_path / "s1").mkdir()
+    save_file({k: v.contiguous() for k, v in connector.items()}, str(tmp_path / "s1" / "projector.safetensors"))
+    info = export_train_checkpoint(cfg, {"stages_run": [1], "stage1": {"projector": str(tmp_path / "s1" / "projector.safetensors")}},
+                                   tmp_path / "checkpoint")
+    assert info["trained_parts"] == ["downsampler", "projector"] and info["weights"] == "projector.safetensors"
+    model, loaded = load_checkpoint(tmp_path / "checkpoint", get()[1])
+    assert loaded["config"]["tiler"]["name"] == "single"                 # stage 1's fixed crop
+    state, start = model.state_dict(), init.state_dict()
+    for k, v in state.items():
+        expected = connector[k] if k in connector else start[k]
+        assert torch.equal(v, expected), k

@@ -63,9 +63,9 @@ def test_generate_answers_with_the_trained_checkpoint(compose, ablation, tmp_pat
     _, run_dir, _ = ablation
     preds = [json.loads(x) for x in (run_dir / "runs" / "relaxed" / "evaluate" / "predictions.jsonl").read_text().splitlines()]
     asked = next(p for p in preds if p["l2_category"] == "background")
+    typed = asked["prompt"].replace("\n", "\\n")               # as typed on a command line: \n, not a newline
     cfg = compose(["+experiment=generate", f"checkpoint={run_dir / 'runs' / 'relaxed' / 'train' / 'checkpoint'}",
-                   f"image={asked['images'][0]}", "max_new_tokens=10", "stream=false"])
-    cfg.prompt = asked["prompt"]                                # the evaluation's prompt, newline included
+                   f"image={asked['images'][0]}", "max_new_tokens=10", "stream=false", f'prompt="{typed}"'])
     out = launch.run(cfg, tmp_path)
     assert out["text"].strip() == asked["prediction"]          # the evaluation's answer, from the same weights
     from bluelm_v.data.fine_print import BACKGROUNDS
