@@ -115,19 +115,23 @@ def train_stage(model, config: dict, registry, device, pool) -> dict:
             "samples": total * accum * micro}
 
 
-def evaluate(model, eval_cfg, registry, questions, batch_size: int) -> tuple[list[dict], float]:
-    from bluelm_v.jobs.evaluate.answer import answer_questions
+def make_generator(model, eval_cfg, registry):
     from bluelm_v.runtime import Generator
 
     ev = eval_cfg.evaluate
-    gen = Generator(model, engine=eval_cfg.engine, registry=registry, prefill_chunk=ev.get("prefill_chunk") or 128)
+    return Generator(model, engine=eval_cfg.engine, registry=registry, prefill_chunk=ev.get("prefill_chunk") or 128)
+
+
+def evaluate(gen, eval_cfg, questions, batch_size: int) -> tuple[list[dict], float]:
+    """The evaluate job's answering of ``questions``; returns (records, seconds)."""
+    from bluelm_v.jobs.evaluate.answer import answer_questions
+
+    ev = eval_cfg.evaluate
     t0 = time.perf_counter()
     records = answer_questions(gen, questions, batch_size=batch_size, max_new_tokens=int(ev.max_new_tokens),
                                prefill_chunk=ev.get("prefill_chunk"), tiles_per_batch=ev.get("tiles_per_batch"))
     gen.sync()
-    seconds = time.perf_counter() - t0
-    gen.close()
-    return records, seconds
+    return records, time.perf_counter() - t0
 
 
 def connector_state(model) -> dict:
@@ -164,10 +168,12 @@ def choose_steps(budget_s: float, spent_s: float, stage2: dict, connector: dict,
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     sub = questions[names[0]][: max(32, int(eval_cfg.evaluate.batch_size) * 2)]
-    _, seconds = evaluate(model, eval_cfg, registry, sub, int(eval_cfg.evaluate.batch_size))
+    gen = make_generator(model, eval_cfg, registry)
+    _, seconds = evaluate(gen, eval_cfg, sub, int(eval_cfg.evaluate.batch_size))
+    gen.close()
     q_per_s = len(sub) / seconds
     tokenizer, per_crop = model.tokenizer, model.tokens_per_crop
-    del model
+    del model, gen
     tokens_per_step = {}
     for n in names:
         c = stage2[n]
@@ -255,7 +261,8 @@ def main() -> None:
                 model = model.to(torch.bfloat16)
             ev = eval_cfg.evaluate
             qs = questions[name]
-            records, seconds = evaluate(model, eval_cfg, registry, qs, int(ev.batch_size))
+            gen = make_generator(model, eval_cfg, registry)
+            records, seconds = evaluate(gen, eval_cfg, qs, int(ev.batch_size))
             by_id = {q["id"]: q for q in qs}
             scored = []
             for rec in records:
@@ -271,9 +278,9 @@ def main() -> None:
             summary = summarise(scored, ev)
             summary.update(questions_per_s=len(qs) / seconds, answer_s=seconds)
             if throughput is None and args.throughput_questions:   # the first tiler: batched vs one by one
-                sub = qs[: args.throughput_questions]
-                _, t_batched = evaluate(model, eval_cfg, registry, sub, int(ev.batch_size))
-                _, t_single = evaluate(model, eval_cfg, registry, sub, 1)
+                sub = qs[: args.throughput_questions]               # the same warm generator for both
+                _, t_batched = evaluate(gen, eval_cfg, sub, int(ev.batch_size))
+                _, t_single = evaluate(gen, eval_cfg, sub, 1)
                 throughput = {"tiler": name, "questions": len(sub), "batch_size": int(ev.batch_size),
                               "batched_q_per_s": len(sub) / t_batched, "one_by_one_q_per_s": len(sub) / t_single}
             train = {"tokens_per_s": {"stage1": s1["tokens_per_s"], "stage2": s2["tokens_per_s"]},
@@ -286,7 +293,8 @@ def main() -> None:
                   f"tiler total {time.perf_counter() - t_tiler:.0f} s", flush=True)
             (out / "results.json").write_text(json.dumps({"rows": rows, "throughput": throughput, "steps": chosen},
                                                          indent=1, default=str))
-            del model
+            gen.close()
+            del model, gen
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     table = report.table(rows)
