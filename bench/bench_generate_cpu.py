@@ -17,7 +17,7 @@ Needs the bench extra: pip install llama-cpp-python==0.3.36 (builds from source,
 The systems run interleaved, round after round, on the same token ids, and each keeps its best
 round (robust against other processes on a shared machine); the load average is printed.
 Decode is always 128 steps (EOS ignored). Ratios: prefill vs transformers, decode vs llama.cpp
-(the issue's goals).
+(the two references our CPU path is compared with).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GPU benchmark (one H100 through the device tool): the so400m encoder on 9 tiles and the
+"""GPU benchmark (one CUDA GPU; figures in docs/results.md §3): the so400m encoder on 9 tiles and the
 bluelm_3b_proxy decode speed, against transformers and the memory-bandwidth limit. Prints a table.
 
     python bench/bench_gpu.py                    # on the GPU machine (needs torch, transformers, pluggy)
@@ -352,17 +352,24 @@ def main() -> None:
         bench_encoder(torch, encoders, args, device, dtype, sync, rows)
     if args.only in ("all", "decode"):
         bench_decode(torch, llms, args, device, dtype, sync, rows, start + args.budget_s)
-    print(f"\n## bench_gpu on {name}, torch {torch.__version__}, {dtype}, total {time.perf_counter() - start:.0f} s")
-    print("| what | system | value | unit | ratio |")
+    print_table(f"bench_gpu on {name}, torch {torch.__version__}, {dtype}, total {time.perf_counter() - start:.0f} s",
+                ("what", "system", "value", "unit", "ratio"), rows, "bench_gpu.json", "{:.1f}")
+    print("ratio: encoder rows = speed-up over one tile at a time; decode rows = fraction of the bandwidth limit")
+
+
+def print_table(title: str, header: tuple, rows: list[tuple], json_name: str, fmt: str = "{:.4g}") -> None:
+    """A markdown table of (what, system, value, unit, ratio) rows (NaN as blank); the rows as
+    JSON in $OUT when set."""
+    print(f"\n## {title}")
+    print("| " + " | ".join(header) + " |")
     print("|---|---|---:|---|---:|")
     for what, system, value, unit, ratio in rows:
-        v = "" if value != value else f"{value:.1f}"
+        v = "" if value != value else fmt.format(value)
         r = "" if ratio != ratio else f"{ratio:.2f}"
         print(f"| {what} | {system} | {v} | {unit} | {r} |")
-    print("ratio: encoder rows = speed-up over one tile at a time; decode rows = fraction of the bandwidth limit")
     out = os.environ.get("OUT")
     if out:
-        Path(out, "bench_gpu.json").write_text(json.dumps(rows, indent=1))
+        Path(out, json_name).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

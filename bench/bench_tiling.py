@@ -1,18 +1,23 @@
-"""Benchmark: grid selection over 624,610 sizes (vectorised vs a per-image Python loop) and
-the image-header scan (1 worker vs all cores). Prints markdown tables.
+"""Benchmark: the tiler zoo over 624,610 sizes (vectorised vs a plain per-image loop of the same
+rules) and the image-header scan (1 worker vs all cores). Prints markdown tables.
 
     .venv/bin/python bench/bench_tiling.py                       # both parts (what `make bench` runs)
-    .venv/bin/python bench/bench_tiling.py --skip-scan           # selection only
-    .venv/bin/python bench/bench_tiling.py --scan-files 3000 --loop-sizes 100000
+    .venv/bin/python bench/bench_tiling.py --skip-scan           # the zoo only
+    .venv/bin/python bench/bench_tiling.py --skip-scan --loop-sizes 20000 --repeats 3
 
 Sizes: the 118,287 real COCO train2017 sizes (embedded) repeated 5 times (591,435) plus the
 first 33,175 rows of a seeded (seed 0) permutation of them = 624,610, the number of image
-samples of LLaVA-1.5 665k. Tilers: conf/tiler/{relaxed,llava_next,internvl}.yaml (the paper's
-ablation setting). Times are wall-clock (time.perf_counter), best of --repeats for the
-vectorised forms; the loop is timed once per tiler (on --loop-sizes sizes, scaled linearly
-when fewer than all). Header scan: generated JPEG/PNG files (warm page cache), read with
-bluelm_v.data.image_sizes: in this process (1 worker), and as Ray tasks with 1 CPU and with
-all CPUs (worker processes started by a warm-up scan before timing), best of --repeats.
+samples of LLaVA-1.5 665k. Tilers: the ten registered rules at their conf/tiler/NAME.yaml
+settings (docs/design.md §5). Per tiler: the plain loop (``decide(w, h)``, the rule restated
+for one size, on --loop-sizes sizes and scaled linearly to all), the vectorised rule
+(``decide_many`` on all 624,610 sizes, no deduplication), and what the ablation job does
+(``decide_all``: distinct sizes once, broadcast back; in this process). "identical" compares
+every field (grid, crops, tokens, pixels, skip) of the loop with the vectorised answers.
+Times are wall-clock (time.perf_counter), best of --repeats for the vectorised forms; the loop
+is timed once. On a shared machine compare the ratios, and repeat when it is quiet.
+Header scan: generated JPEG/PNG files (warm page cache), read with bluelm_v.data.image_sizes:
+in this process (1 worker), and as Ray tasks with 1 CPU and with all CPUs (worker processes
+started by a warm-up scan before timing), best of --repeats.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 TARGET = 624_610
-NAMES = ("relaxed", "llava_next", "internvl")
+FIELDS = ("m", "n", "crops", "tokens", "pixels", "encoder_pixels", "skip")
 
 
 def build_sizes():
@@ -42,14 +47,13 @@ def build_sizes():
     return np.concatenate([np.tile(w, reps), w[pick]]), np.concatenate([np.tile(h, reps), h[pick]]), how
 
 
-def make_tilers():
-    from bluelm_v.jobs.ablate_tiling import tiler_params
+def make_tilers(names=None):
     from bluelm_v.plugin_manager import get
-    from omegaconf import OmegaConf
+    from bluelm_v.plugins.tilers.zoo import tiler_presets
 
     _, registry, _ = get()
-    cfg = OmegaConf.create({"ablation": {"overrides": None}})
-    return {n: registry.tiler.create(n, **tiler_params(cfg, n)[0]) for n in NAMES}
+    presets = tiler_presets()
+    return {n: registry.tiler.create(n, **presets.get(n, (n, {}))[1]) for n in names or registry.tiler.names()}
 
 
 def best_of(fn, repeats):
@@ -61,38 +65,35 @@ def best_of(fn, repeats):
     return best, out
 
 
-def select_dedup(tiler, w, h):
-    import pandas as pd
+def bench_selection(repeats: int, loop_sizes: int, names=None) -> None:
+    from bluelm_v.plugins.tilers.zoo import decide_all
 
-    inverse, unique = pd.factorize(w << 32 | h)  # hash-based: O(N), no sort
-    m, n = tiler.select_many(unique >> 32, unique & 0xFFFFFFFF)
-    return m[inverse], n[inverse]
-
-
-def bench_selection(repeats: int, loop_sizes: int) -> None:
     w, h, how = build_sizes()
-    tilers = make_tilers()
-    print(f"## Grid selection over {len(w):,} sizes\n\nSizes: {how}.\n")
-    print("| tiler | Python loop (s) | vectorised (s) | speed-up | vectorised + dedup (s) | speed-up | identical |")
+    tilers = make_tilers(names)
+    print(f"## The tiler zoo over {len(w):,} sizes\n\nSizes: {how}.\n")
+    print("| tiler | plain loop (s) | vectorised (s) | speed-up | job: distinct sizes (s) | speed-up | identical |")
     print("|---|---|---|---|---|---|---|")
     totals = np.zeros(3)
     k = min(loop_sizes, len(w))
     wl, hl = w[:k].tolist(), h[:k].tolist()
     for name, tiler in tilers.items():
-        vec_s, (m, n) = best_of(lambda: tiler.select_many(w, h), repeats)
-        dedup_s, (dm, dn) = best_of(lambda: select_dedup(tiler, w, h), repeats)
+        vec_s, d = best_of(lambda: tiler.decide_many(w, h), repeats)
+        job_s, _ = best_of(lambda: decide_all({name: tiler}, w, h, shard_size=len(w)), repeats)
         t0 = time.perf_counter()
-        loop = [tiler.select(a, b) for a, b in zip(wl, hl)]
+        loop = [tiler.decide(a, b) for a, b in zip(wl, hl)]
         loop_s = (time.perf_counter() - t0) * len(w) / k
-        same = (np.array(loop, np.int64) == np.stack([m[:k], n[:k]], 1)).all() and (dm == m).all() and (dn == n).all()
-        totals += (loop_s, vec_s, dedup_s)
-        print(f"| `{name}` | {loop_s:.2f} | {vec_s:.3f} | {loop_s / vec_s:.0f}x | {dedup_s:.4f} | "
-              f"{loop_s / dedup_s:.0f}x | {'yes' if same else 'NO'} |")
-    print(f"| **all three** | {totals[0]:.2f} | {totals[1]:.3f} | {totals[0] / totals[1]:.0f}x | {totals[2]:.4f} | "
-          f"{totals[0] / totals[2]:.0f}x | |")
+        cols = {f: getattr(d, f)[:k].tolist() for f in FIELDS}
+        same = all(r[f] == cols[f][i] for i, r in enumerate(loop) for f in FIELDS)
+        totals += (loop_s, vec_s, job_s)
+        print(f"| `{name}` | {loop_s:.1f} | {vec_s:.3f} | {loop_s / vec_s:.0f}x | {job_s:.3f} | "
+              f"{loop_s / job_s:.0f}x | {'yes' if same else 'NO'} |")
+    all_s, _ = best_of(lambda: decide_all(tilers, w, h, shard_size=len(w)), repeats)
+    print(f"| **all {len(tilers)}** | {totals[0]:.1f} | {totals[1]:.3f} | {totals[0] / totals[1]:.0f}x | "
+          f"{totals[2]:.3f} | {totals[0] / totals[2]:.0f}x | |")
     scaled = "" if k == len(w) else f" (loop timed on the first {k:,} sizes, scaled to {len(w):,})"
-    print(f"\nvectorised = `select_many` on all sizes (chunks of 16,384); dedup = the same on the distinct "
-          f"sizes, broadcast back (what the job does); best of {repeats}{scaled}.\n")
+    print(f"\nvectorised = `decide_many` on all sizes (chunks of 16,384); job = `decide_all` (distinct sizes once, "
+          f"broadcast back), one tiler at a time; all {len(tilers)} tilers in one `decide_all`: {all_s:.3f} s; "
+          f"best of {repeats}{scaled}.\n")
 
 
 def make_images(folder: Path, count: int) -> list[str]:
@@ -158,10 +159,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-dir", help="keep the generated images here (default: a temp dir, removed)")
     ap.add_argument("--skip-scan", action="store_true")
     ap.add_argument("--skip-selection", action="store_true")
+    ap.add_argument("--tilers", nargs="*", help="registered tiler names (default: all)")
     args = ap.parse_args(argv)
     print(f"# bench_tiling ({os.cpu_count()} cores, Python {sys.version.split()[0]}, numpy {np.__version__})\n")
     if not args.skip_selection:
-        bench_selection(args.repeats, args.loop_sizes)
+        bench_selection(args.repeats, args.loop_sizes, args.tilers)
     if not args.skip_scan:
         bench_scan(args.scan_files, args.scan_dir, args.repeats)
     return 0

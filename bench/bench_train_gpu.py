@@ -1,27 +1,31 @@
-"""Stage-2 training throughput at full size: tokens/s and MFU on one GPU (prints a table).
+"""Stage-2 training throughput at full size on one GPU: tokens/s and MFU per variant (prints a table).
 
 so400m encoder + bluelm_3b_proxy LLM (2.72B), random init, bf16, everything trainable with
-docs/design.md §4's AdamW (ViT layer-wise LR decay 0.9), synthetic unpadded batches: each sample is
-``--crops`` crops of 384 px (196 visual tokens each after the 2x2 merge) + text up to ``--seq``
-tokens. The step is the train job's: the speed options of ``bluelm_v.jobs.train.speed`` (the job's
-``train.compile`` / ``train.loss_chunk_tokens`` / ``train.sdpa_backend``), the DeepSpeed config
-of ``conf/deepspeed/NAME.yaml`` completed by ``bluelm_v.jobs.train.loop.deepspeed_config``, and the
-FLOP count of ``bluelm_v.jobs.train.flops`` (MFU = model FLOPs incl. full-square attention / peak;
-peak = dense bf16 of the GPU, H100/H200 SXM 989 TFLOP/s, unless --peak-tflops).
+docs/design.md §4's AdamW (ViT layer-wise LR decay 0.9). The step is the train job's own:
+``apply_speed_options`` (jobs/train/speed.py) builds the TrainStep, batches come from the job's
+plans and collate functions (padded: LengthGroupedPlan + collate; packed: PackedPlan +
+collate_packed), DeepSpeed is configured by conf/deepspeed/NAME.yaml through the job's
+``deepspeed_config``, FLOPs by jobs/train/flops.py. Every default below is the train job's
+setting under ``+experiment=train`` (read from conf/job/train.yaml + conf/experiment/train.yaml).
 
-Variant keys (flags of the same name set the defaults; ``--variants "k=v,...;k=v,..."`` gives one
-row per entry, each in its own child process): engine (deepspeed | torch: plain loop, bf16 weights,
-fused AdamW, no master copy), ds (conf/deepspeed name), zero (stage), accum_fp32, overlap
-(overlap_comm), bucket (reduce/allgather bucket elements), torch_adam (0: DeepSpeed FusedAdam),
-mb, accum, compile, cmode (compile mode), ce (loss chunk tokens, 0 = transformers' loss), attn
-(sdpa backend), seq, crops, host (1: token ids on the host as in the job, splice planned there
-without device syncs), profile (1: one extra step under torch.profiler -> GPU time by kernel kind,
-GEMM and attention TFLOP/s, GPU idle time by the CPU work it waited on, host syncs per step;
-bluelm_v.jobs.train.profiling).
+Data (``data``): ``uniform`` = every sample exactly ``seq`` tokens with ``crops`` crops (no
+padding at all); ``mix`` = jobs/train/mix.py's synthetic LLaVA-665k-like length mix (6% text-only,
+relaxed-tiler crops of COCO sizes, stated text-length distribution), or the real lengths of
+``--llava-json``/``--image-root`` (no image decoded). tokens/s and MFU count real tokens only
+(MFU = model FLOPs of the real samples, full-square attention per sample, / peak; H100/H200 SXM
+989 TFLOP/s dense bf16 unless --peak-tflops); ``fill`` = real / computed LLM tokens.
 
-    python bench/bench_train_gpu.py --tiny --steps 2 --warmup 1            # CPU smoke test
-    python bench/bench_train_gpu.py --seq 4096 --crops 9 --steps 3 --warmup 2 --variants \\
-      "ds=zero2,mb=1,accum=8,compile=1,ce=2048,profile=1;ds=zero2,mb=1,accum=8,compile=1,ce=2048,attn=cudnn"
+Variant keys (``--variants "k=v,...;k=v,..."``: one row each, each in its own child process):
+data, pack (1: packed rows of max_seq), max_seq, group (length-grouped padded batches), fused
+(q|k|v + gate|up), doc_attn (sdpa | flex | varlen | auto), ckpt (activation checkpointing), ds
+(conf/deepspeed name), zero, accum_fp32, overlap, bucket, torch_adam, mb (samples, or packed
+rows), accum, compile, cmode, ce (loss chunk tokens), attn (sdpa backend), seq, crops, engine
+(deepspeed | torch: plain loop, a reference only), profile (1: one more step under torch.profiler).
+
+    python bench/bench_train_gpu.py --smoke                       # CPU, tiny model, < 1 minute
+    python bench/bench_train_gpu.py --attention-only               # document-masked attention kernels
+    python bench/bench_train_gpu.py --steps 2 --warmup 1 --variants \\
+      "data=uniform,seq=4096,crops=9,mb=4,accum=8,fused=0;data=mix,pack=0,mb=8,accum=8;data=mix,pack=1,mb=4,accum=8"
 """
 from __future__ import annotations
 
@@ -35,7 +39,33 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 ON = lambda v: str(v).strip().lower() not in ("0", "false", "", "no", "off")  # noqa: E731
+from bench_train_report import ROW_TAG, PhaseTimer, attention_table, compiled_graphs, report, sync  # noqa: E402
+
+
+def job_defaults() -> dict:
+    """The train job's speed and batch settings under +experiment=train (conf/job/train.yaml
+    overlaid with conf/experiment/train.yaml; PyYAML only: no Hydra on the GPU machine)."""
+    import yaml
+
+    def merge(a: dict, b: dict) -> dict:
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                        for k, v in b.items()}}
+
+    job = yaml.safe_load((REPO / "conf" / "job" / "train.yaml").read_text())
+    exp = yaml.safe_load((REPO / "conf" / "experiment" / "train.yaml").read_text())
+    t = merge(job["train"], exp.get("train") or {})
+    tiler = merge(yaml.safe_load((REPO / "conf" / "tiler" / "relaxed.yaml").read_text()), exp.get("tiler") or {})
+    ds = next(d["/deepspeed"] for d in job["defaults"] if isinstance(d, dict) and "/deepspeed" in d)
+    s2 = t["stage2"]
+    return {"compile": t["compile"], "cmode": t["compile_mode"], "ce": t["loss_chunk_tokens"],
+            "attn": t["sdpa_backend"], "fused": t["fused_projections"], "doc_attn": t["attention"],
+            "ckpt": t["activation_checkpointing"], "encoder_tiles": t["encoder_tiles_per_batch"],
+            "pack": s2["packing"] if t.get("packing") is None else t["packing"], "max_seq": t["max_seq"],
+            "longest_first": t["pack_longest_first"], "group": t["data"]["group_by_length"],
+            "max_length": t["data"]["max_length"], "micro_batch": s2["micro_batch"], "accum": s2["grad_accum"],
+            "ds": ds, "torch_adam": t["optim"]["torch_adam"], "tiler": tiler}
 
 
 def build(args, device):
@@ -46,33 +76,57 @@ def build(args, device):
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     dev = device.type
-    enc = {"name": "siglip", "preset": "tiny" if args.tiny else "so400m", "dtype": dtype, "device": dev,
-           "pipelined": False, "tiles_per_batch": args.crops * args.micro_batch}
+    enc = {"name": "siglip", "preset": "tiny" if args.tiny else "so400m", "dtype": dtype, "device": dev}
+    if args.tiny:
+        enc["image_size"] = 112
     llm = {"name": "hf_causal", "preset": "tiny" if args.tiny else "bluelm_3b_proxy", "dtype": dtype, "device": dev}
     torch.manual_seed(0)
     _, registry, _ = get()
     cfg = {"encoder": enc, "downsampler": {"name": "vila_2x2"}, "projector": {"name": "mlp2x_gelu", "dtype": dtype},
            "llm": llm}
-    return BlueLMV.from_config(cfg, registry).to(device)
+    tiler_node = {**args.tiler, "tile_size": 112} if args.tiny else args.tiler
+    return BlueLMV.from_config(cfg, registry).to(device), registry.create_from_config("tiler", tiler_node, "tiler")
 
 
-def batch(model, args, device, gen):
-    """Synthetic micro-batch: one <image> sentinel + random text, labels on the text."""
+def batches(args, model, tiler, device):
+    """(the job's micro-batches of the variant's data, collated on the host, forever; the packed
+    row length)."""
     import torch
 
-    from bluelm_v.chat import IMAGE_TOKEN_ID
+    from bluelm_v.jobs.train.data import LengthGroupedPlan, collate
+    from bluelm_v.jobs.train.mix import llava_mix, synthetic_item, synthetic_mix, uniform_mix
+    from bluelm_v.jobs.train.packing import PackedPlan, collate_packed
 
-    text = args.seq - args.crops * model.tokens_per_crop + 1            # spliced length = args.seq
-    if text < 8:
-        raise SystemExit(f"--seq {args.seq} leaves no room for text after {args.crops} crops x {model.tokens_per_crop}")
-    ids = torch.randint(0, 256, (args.micro_batch, text), generator=gen)   # [B, T]
-    ids[:, 4] = IMAGE_TOKEN_ID
-    if not args.host_ids:                    # host ids: the job's path (splice planned on the host)
-        ids = ids.to(device)
-    labels = ids.clone()
-    labels[:, :5] = -100
-    images = [torch.randn(args.crops, 3, 384, 384, generator=gen).to(device) for _ in range(args.micro_batch)]
-    return {"input_ids": ids, "labels": labels, "images": images}
+    tpc = model.tokens_per_crop
+    n = 8192 if not args.tiny else 512
+    if args.data == "uniform":
+        mix = uniform_mix(n, args.seq, args.crops, tpc)
+    elif args.llava_json:
+        mix = llava_mix(args.llava_json, args.image_root, tiler, model.tokenizer, tpc, args.max_length,
+                        cache_dir=args.cache_dir)
+    else:
+        mix = synthetic_mix(n, tiler, tpc, args.max_length, seed=0)
+    max_seq = max(args.max_seq, int(mix.lengths.max())) if args.data == "uniform" else args.max_seq
+    if args.pack:
+        plan = PackedPlan(mix.lengths.tolist(), max_seq, args.micro_batch, seed=0, longest_first=args.longest_first)
+    else:
+        plan = LengthGroupedPlan(mix.lengths.tolist(), args.micro_batch, seed=0, group_by_length=args.group)
+    gen = torch.Generator().manual_seed(0)
+    size = 112 if args.tiny else 384
+    pool = torch.randn(max(1, int(mix.crops.max())), 3, size, size, generator=gen).to(device)   # [K_max, 3, B, B]
+    pad = model.tokenizer.pad_token_id
+
+    def stream():
+        k = 0
+        while True:
+            rows = [[synthetic_item(mix, i, gen, pool) for i in row] for row in plan.rows(k)]
+            batch = (collate_packed(rows, pad, max_seq, tpc) if args.pack else collate([r[0] for r in rows], pad))
+            batch["computed_tokens"] = (len(rows) * max_seq if args.pack
+                                        else len(batch["lengths"]) * max(batch["lengths"]))
+            yield batch
+            k += 1
+
+    return stream(), max_seq
 
 
 def ds_config(args, device) -> dict:
@@ -98,30 +152,32 @@ def ds_config(args, device) -> dict:
 
 def run_engine(kind: str, args, device) -> dict:
     import torch
+    from torch.profiler import record_function
 
     from bluelm_v.jobs.train.flops import StepFlops, device_peak_flops
+    from bluelm_v.jobs.train.loop import step_inputs
     from bluelm_v.jobs.train.optim import build_param_groups
     from bluelm_v.jobs.train.profiling import count_syncs, profile_step
     from bluelm_v.jobs.train.speed import apply_speed_options
 
-    model = build(args, device)
+    model, tiler = build(args, device)
     model.train()
     parts = ["encoder", "downsampler", "projector", "llm"]
     groups = build_param_groups(model, parts, 1e-4, 0.05, 0.9)
     for g in groups:
         g.pop("name"), g.pop("lr_scale")
-    if args.checkpointing:
-        model.llm.model.gradient_checkpointing_enable()
-    net = apply_speed_options(model, {"compile": args.compile, "compile_mode": args.cmode,
-                                      "loss_chunk_tokens": args.ce, "sdpa_backend": args.attn})
+    stream, max_seq = batches(args, model, tiler, device)
+    net = apply_speed_options(model, {"compile": args.compile, "compile_mode": args.cmode, "loss_chunk_tokens": args.ce,
+                                      "sdpa_backend": args.attn, "fused_projections": args.fused,
+                                      "attention": args.doc_attn, "packing": args.pack, "max_seq": max_seq,
+                                      "activation_checkpointing": args.ckpt,
+                                      "encoder_tiles_per_batch": args.encoder_tiles})
     cuda = device.type == "cuda"
-    ds = None
     if kind == "deepspeed":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-        ds = ds_config(args, device)
-        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups, config=ds)
+        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=groups, config=ds_config(args, device))
         fwd, backward, step = engine, engine.backward, engine.step
     else:
         opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=cuda)
@@ -140,16 +196,13 @@ def run_engine(kind: str, args, device) -> dict:
 
     flops_of = StepFlops(model, parts)
     peak, src = device_peak_flops(device, args.peak_tflops)
-    gen = torch.Generator().manual_seed(0)
-    data = [batch(model, args, device, gen) for _ in range(2)]
 
-    from torch.profiler import record_function
-
-    def one_step(timer):
-        for a in range(args.accum):
+    def one_step(timer, tally):
+        for _ in range(args.accum):
+            batch = next(stream)
             timer.mark("other")
             with record_function("phase:forward"):
-                out = fwd(**data[a % 2])
+                out = fwd(**step_inputs(batch))
             timer.mark("forward")
             with record_function("phase:backward"):
                 backward(out.loss)
@@ -157,97 +210,53 @@ def run_engine(kind: str, args, device) -> dict:
             with record_function("phase:step"):
                 step()
             timer.mark("step")
+            for key, val in (("tokens", batch["llm_tokens"]), ("computed", batch["computed_tokens"]),
+                             ("samples", len(batch["lengths"])), ("flops", flops_of(batch["crops"], batch["lengths"])),
+                             ("attn", flops_of.attention(batch["crops"], batch["lengths"])),
+                             ("attn_work", flops_of.attention(batch["crops"], batch["lengths"], causal_work=True))):
+                tally[key] = tally.get(key, 0) + val
         return out
 
-    times, phases = [], []
-    timer = PhaseTimer(device)
-    graphs = {}
+    timer, timed, phases, before = PhaseTimer(device), {}, [], 0
     for s in range(args.warmup + args.steps):
         if s == args.warmup:
-            graphs["before"] = compiled_graphs()
+            before = compiled_graphs()
         sync(device)
         t0 = time.perf_counter()
         timer.reset()
-        out = one_step(timer)
+        tally = {}
+        out = one_step(timer, tally)
         sync(device)
         if s >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            tally["time"] = time.perf_counter() - t0
+            for key, val in tally.items():
+                timed[key] = timed.get(key, 0) + val
             phases.append(timer.totals())
-    k = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
-    dt = times[k]                                                        # median optimizer step
-    n_samples = args.micro_batch * args.accum
-    tokens = n_samples * args.seq
-    flops = flops_of(n_samples * args.crops, [args.seq] * n_samples)
-    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
-    row = {"engine": kind, "step_s": dt, "tokens_per_s": tokens / dt, "tokens_per_step": tokens,
-           "tflops": flops / dt / 1e12, "mfu": flops / dt / peak, "peak_gib": mem, "peak_src": src,
-           "loss": float(out.loss.detach()), "gpu_s": phases[k]}
-    row["graphs_compiled_while_timed"] = compiled_graphs() - graphs.get("before", 0)
-    g = phases[k]
-    row["mfu_fwd_bwd"] = flops / max(1e-9, g.get("forward", 0) + g.get("backward", 0)) / peak
+    dt, steps = timed["time"], args.steps
+    gpu = {p: round(sum(ph.get(p, 0.0) for ph in phases) / steps, 4) for p in ("forward", "backward", "step")}
+    row = {"engine": kind, "step_s": dt / steps, "tokens_per_s": timed["tokens"] / dt,
+           "tokens_per_step": timed["tokens"] / steps, "samples_per_step": timed["samples"] / steps,
+           "fill": timed["tokens"] / timed["computed"], "tflops": timed["flops"] / dt / 1e12,
+           "mfu": timed["flops"] / dt / peak, "peak_src": src, "loss": float(out.loss.detach()), "gpu_s": gpu,
+           "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan"),
+           "graphs_compiled_while_timed": compiled_graphs() - before,
+           "mfu_fwd_bwd": timed["flops"] / steps / max(1e-9, gpu["forward"] + gpu["backward"]) / peak}
     if args.profile:
-        attn = flops_of.attention(n_samples * args.crops, [args.seq] * n_samples)
-        attn_work = flops_of.attention(n_samples * args.crops, [args.seq] * n_samples, causal_work=True)
-        row["profile"] = profile_step(lambda: one_step(PhaseTimer(device)), device, flops - attn, attn, attn_work)
-        row["profile"]["syncs_per_step"] = count_syncs(lambda: one_step(PhaseTimer(device)))
+        prof_tally = {}
+        row["profile"] = profile_step(lambda: one_step(PhaseTimer(device), prof_tally), device,
+                                      timed["flops"] / steps - timed["attn"] / steps, timed["attn"] / steps,
+                                      timed["attn_work"] / steps)
+        row["profile"]["syncs_per_step"] = count_syncs(lambda: one_step(PhaseTimer(device), {}))
     return row
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has made so far in this process (a count that moves while timing
-    means recompiles inside the timed steps)."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:
-        return 0
-    return int(counters["stats"].get("unique_graphs", 0))
-
-
-class PhaseTimer:
-    """GPU time per phase (forward / backward / step) of one optimizer step, from CUDA events on
-    the current stream (no synchronisation inside the step); wall time on CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.reset()
-
-    def reset(self):
-        self.marks = []
-
-    def mark(self, phase: str):
-        import torch
-
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append((phase, ev))
-        else:
-            self.marks.append((phase, time.perf_counter()))
-
-    def totals(self) -> dict:
-        out: dict[str, float] = {}
-        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
-            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
-            out[phase] = out.get(phase, 0.0) + dt
-        return {p: round(v, 4) for p, v in out.items()}
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _chunk(v: str) -> int:
-    return 2048 if v.strip() == "chunked" else 0 if v.strip() == "hf" else int(v)
-
-
 VARIANT_KEYS = {"engine": ("engines", str), "ds": ("ds", str), "zero": ("zero", int), "mb": ("micro_batch", int),
-                "accum": ("accum", int), "compile": ("compile", ON), "cmode": ("cmode", str), "ce": ("ce", _chunk),
+                "accum": ("accum", int), "compile": ("compile", ON), "cmode": ("cmode", str), "ce": ("ce", int),
                 "attn": ("attn", str), "accum_fp32": ("accum_fp32", ON), "overlap": ("overlap", ON),
                 "bucket": ("bucket", float), "torch_adam": ("torch_adam", ON), "seq": ("seq", int),
-                "crops": ("crops", int), "profile": ("profile", ON), "host": ("host_ids", ON)}
+                "crops": ("crops", int), "profile": ("profile", ON), "data": ("data", str), "pack": ("pack", ON),
+                "max_seq": ("max_seq", int), "group": ("group", ON), "fused": ("fused", ON),
+                "doc_attn": ("doc_attn", str), "ckpt": ("ckpt", ON), "encoder_tiles": ("encoder_tiles", int)}
 
 
 def variants(args) -> list[tuple[str, argparse.Namespace]]:
@@ -270,28 +279,41 @@ def variants(args) -> list[tuple[str, argparse.Namespace]]:
 
 
 def parse_args(argv=None):
+    d = job_defaults()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny encoder + LLM (CPU smoke test of this script)")
-    ap.add_argument("--engines", default="deepspeed,torch")
-    ap.add_argument("--seq", type=int, default=2048, help="LLM tokens per sample (visual + text)")
-    ap.add_argument("--crops", type=int, default=5, help="384-px crops per sample (196 LLM tokens each)")
-    ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--accum", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--checkpointing", action="store_true", help="LLM activation checkpointing")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder + encoder layer")
-    ap.add_argument("--cmode", default="default", help="compile mode (default | max-autotune-no-cudagraphs)")
-    ap.add_argument("--ce", type=_chunk, default=0, help="loss chunk tokens (0/hf: transformers' loss; chunked = 2048)")
-    ap.add_argument("--attn", default="auto", help="sdpa backend: auto | flash | cudnn | efficient | math")
-    ap.add_argument("--ds", default="zero2", help="conf/deepspeed/NAME.yaml")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny model, uniform + mix padded + mix packed")
+    ap.add_argument("--tiny", action="store_true", help="tiny encoder + LLM (CPU)")
+    ap.add_argument("--attention-only", action="store_true", help="time the document-masked attention kernels only")
+    ap.add_argument("--engines", default="deepspeed", help="deepspeed (the job's) | torch (a plain-loop reference)")
+    ap.add_argument("--data", default="mix", choices=("uniform", "mix"))
+    ap.add_argument("--llava-json", default=None, help="measure on this LLaVA-format file's lengths instead")
+    ap.add_argument("--image-root", default=None)
+    ap.add_argument("--cache-dir", default=None, help="length-scan cache for --llava-json")
+    ap.add_argument("--seq", type=int, default=4096, help="uniform data: LLM tokens per sample (visual + text)")
+    ap.add_argument("--crops", type=int, default=9, help="uniform data: 384-px crops per sample")
+    ap.add_argument("--max-length", type=int, default=d["max_length"], help="mix: longest sample kept")
+    ap.add_argument("--pack", type=ON, default=d["pack"], help="packed rows of --max-seq tokens")
+    ap.add_argument("--max-seq", type=int, default=d["max_seq"])
+    ap.add_argument("--longest-first", type=ON, default=d["longest_first"])
+    ap.add_argument("--group", type=ON, default=d["group"], help="padded batches grouped by length")
+    ap.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="samples (padded) or rows (packed)")
+    ap.add_argument("--accum", type=int, default=d["accum"])
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps (their sum is reported)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--ckpt", type=ON, default=d["ckpt"], help="activation checkpointing of the LLM layers")
+    ap.add_argument("--compile", type=ON, default=d["compile"])
+    ap.add_argument("--cmode", default=d["cmode"], help="compile mode (default | max-autotune-no-cudagraphs)")
+    ap.add_argument("--ce", type=int, default=d["ce"], help="loss chunk tokens (0: a plain loss)")
+    ap.add_argument("--attn", default=d["attn"], help="sdpa backend: auto | flash | cudnn | efficient | math")
+    ap.add_argument("--fused", type=ON, default=d["fused"], help="fused q|k|v and gate|up matmuls")
+    ap.add_argument("--doc-attn", default=d["doc_attn"], help="packed rows: auto | sdpa | flex | varlen")
+    ap.add_argument("--encoder-tiles", type=int, default=d["encoder_tiles"], help="crops per encoder call (0: all)")
+    ap.add_argument("--ds", default=d["ds"], help="conf/deepspeed/NAME.yaml")
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="override the ZeRO stage")
     ap.add_argument("--accum-fp32", action="store_true", help="DeepSpeed fp32 gradient accumulation")
     ap.add_argument("--overlap", type=ON, default=None, help="override zero_optimization.overlap_comm")
     ap.add_argument("--bucket", type=float, default=None, help="reduce/allgather bucket size (elements)")
-    ap.add_argument("--torch-adam", type=ON, default=True, help="torch's fused AdamW (0: DeepSpeed FusedAdam)")
-    ap.add_argument("--host-ids", action="store_true", help="token ids/labels stay on the host, as in the train "
-                    "job (TrainStep plans the splice there: no device syncs); default: on the device")
+    ap.add_argument("--torch-adam", type=ON, default=d["torch_adam"], help="torch's fused AdamW (0: DeepSpeed FusedAdam)")
     ap.add_argument("--profile", action="store_true", help="one more step under torch.profiler: time by kernel kind")
     ap.add_argument("--variants", default="", help='rows "k=v,...;k=v,..." (keys: ' + ", ".join(VARIANT_KEYS) + ")")
     ap.add_argument("--budget-s", type=float, default=None, help="skip the variants left after this many s")
@@ -301,7 +323,13 @@ def parse_args(argv=None):
                     help="run all variants in this process (default: one child process per variant, since "
                          "DeepSpeed engines and compiled layers keep GPU memory alive after they are deleted)")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.tiler = d["tiler"]
+    if args.smoke:
+        args.tiny, args.in_process, args.compile, args.steps, args.warmup = True, True, False, 1, 1
+        args.seq, args.crops, args.max_length, args.max_seq, args.accum = 96, 2, 400, 512, 2
+        args.variants = args.variants or "data=uniform,pack=0,mb=2;data=mix,pack=0,mb=4;data=mix,pack=1,mb=2"
+    return args
 
 
 def main() -> None:
@@ -316,6 +344,8 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup}", flush=True)
+    if args.attention_only:
+        return print(attention_table(device, tiny=args.tiny), flush=True)
     rows, start = [], time.perf_counter()
     for kind, v in variants(args):
         label = getattr(v, "label", kind)
@@ -326,15 +356,13 @@ def main() -> None:
         try:
             row = run_engine(kind, v, device)
         except Exception as exc:  # noqa: BLE001 -- one variant failing must not hide the others' rows
-            row = {"engine": kind, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        row.update(label=label, seq=v.seq, crops=v.crops, mb=v.micro_batch, accum=v.accum, wall_s=time.perf_counter() - t0)
+            row = {"engine": kind, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        row.update(label=label, data=v.data, pack=v.pack, mb=v.micro_batch, accum=v.accum,
+                   wall_s=time.perf_counter() - t0)
         rows.append(row)
         print(ROW_TAG + json.dumps(row), flush=True)
         gc.collect()
     report(rows, args.out)
-
-
-ROW_TAG = "BENCH_ROW "
 
 
 def run_children(args) -> None:
@@ -360,9 +388,7 @@ def run_children(args) -> None:
             stdout, rc = exc.stdout or "", "timeout"
             stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
         found = [ln[len(ROW_TAG):] for ln in stdout.splitlines() if ln.startswith(ROW_TAG)]
-        row = json.loads(found[-1]) if found else {"engine": spec, "label": spec, "seq": "?", "crops": "?",
-                                                   "mb": "?", "accum": "?",
-                                                   "error": f"rc {rc}: {stdout[-300:]}"}
+        row = json.loads(found[-1]) if found else {"engine": spec, "label": spec, "error": f"rc {rc}: {stdout[-400:]}"}
         rows.append(row)
         print(ROW_TAG + json.dumps(row), flush=True)
         if args.out:
@@ -370,31 +396,6 @@ def run_children(args) -> None:
             with open(Path(args.out).with_suffix(".jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
     report(rows, args.out)
-
-
-def report(rows, out: str | None) -> None:
-    lines = ["| variant | seq | mb x accum | tokens/step | step (s) | tokens/s | model TFLOP/s | MFU "
-             "| MFU fwd+bwd only | peak GPU mem (GiB) | GPU s fwd / bwd / step | graphs while timed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        head = f"| {r['label']} | {r['seq']} ({r['crops']} crops) | {r['mb']} x {r['accum']} "
-        if "error" in r:
-            lines.append(head + f"| failed: {r['error']} | | | | | | | | |")
-            continue
-        g = r["gpu_s"]
-        lines.append(head + f"| {r['tokens_per_step']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | "
-                     f"{100 * r['mfu']:.1f}% | {100 * r['mfu_fwd_bwd']:.1f}% | {r['peak_gib']:.1f} | "
-                     f"{g.get('forward', 0):.3f} / {g.get('backward', 0):.3f} / {g.get('step', 0):.3f} | "
-                     f"{r.get('graphs_compiled_while_timed', 0)} |")
-    lines.append(f"peak: {next((r['peak_src'] for r in rows if 'peak_src' in r), '?')}")
-    for r in rows:
-        if r.get("profile"):
-            lines.append(f"profile of one step, {r['label']}: {json.dumps(r['profile'])}")
-    text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

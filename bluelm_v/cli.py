@@ -1,6 +1,7 @@
 """``bluelm-v``: inspect what is installed; ``bluelm-v run`` forwards to the launcher.
 
     bluelm-v plugins [--json] [--family tiler] [PATTERN]   registered components and providers
+                                                            (clashing names listed and marked)
     bluelm-v describe tiler relaxed                         parameters with defaults
     bluelm-v jobs                                           experiments and their purpose
     bluelm-v run +experiment=ablate_tiling [overrides]      same as python -m bluelm_v.launch
@@ -13,6 +14,8 @@ import sys
 
 
 def _plugins(args) -> int:
+    """Every registration, also when two plugins register one name (both rows, marked
+    ``CLASH``; a warning names the providers): the listing is how the culprit is found."""
     from . import plugin_manager as plugins
 
     _, registry, report = plugins.get()
@@ -29,9 +32,13 @@ def _plugins(args) -> int:
             if r["family"] != cur:
                 cur = r["family"]
                 print(f"\n{cur}:")
-            print(f"  {r['name']:<{width}}  {r['provider']:<14}  {r['description']}")
-        for name, dist, err in report.failed:
-            print(f"\nwarning: plugin '{name}' from {dist} failed to import: {err}", file=sys.stderr)
+            mark = "  CLASH" if r.get("clash") else ""
+            print(f"  {r['name']:<{width}}  {r['provider']:<14}  {r['description']}{mark}")
+        if report.blocked or report.skipped_autoload:
+            print(f"\nnot loaded: blocked {report.blocked or '[]'}, autoload off {report.skipped_autoload or '[]'}")
+    for line in report.clashes:
+        print(f"warning: {line}: using that name fails until one is uninstalled or blocked "
+              "(plugins.block=[NAME])", file=sys.stderr)
     return 0
 
 

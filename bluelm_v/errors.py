@@ -10,7 +10,7 @@ class ConfigError(BlueLMVError, ValueError):
 
 
 class UnknownComponentError(ConfigError, KeyError):
-    """A registered name was asked for that no plugin provides."""
+    """A component name that no plugin registered."""
 
     def __str__(self):  # KeyError would quote the message
         return self.args[0] if self.args else ""
@@ -26,3 +26,8 @@ class PluginLoadError(BlueLMVError):
 
 class InputError(BlueLMVError, ValueError):
     """A user input (an image, a prompt, a data file) is unusable; the message names it."""
+
+
+class ContractError(BlueLMVError):
+    """A component does not have its family's shape (bluelm_v.types): names the component, its
+    plugin and what is missing."""

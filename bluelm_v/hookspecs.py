@@ -14,24 +14,27 @@ from . import hookspec
 def bluelm_v_register(registry) -> None:
     """Register components: ``registry.tiler.register("name", factory, description=...)``.
 
-    ``registry`` is a :class:`bluelm_v.registry.Registries`; its families are tiler, encoder,
-    downsampler, projector, llm, quantizer and backend. Factories are classes or functions
-    whose keyword parameters are the config values (``tiler: {name: relaxed, alpha: 0.1}``).
+    ``registry`` is a :class:`bluelm_v.registry.Registries` with the families of
+    ``bluelm_v.FAMILIES``. Factories are classes or functions whose keyword parameters are the
+    config values (``tiler: {name: relaxed, alpha: 0.1}``). Each family's contract is a
+    ``typing.Protocol`` in :mod:`bluelm_v.types`; a class is checked against it when it
+    registers, any factory's object when it is created (ContractError naming what is missing).
 
-    Contracts per family (what the model, the jobs and the backends call):
-      tiler       .select(w, h) -> (m, n); .select_many(ws, hs) -> (ms, ns) numpy arrays;
-                  optional .degenerate_many(ws, hs) -> bool[N] (sizes no canvas holds: fallback used);
-                  .num_crops(m, n) -> crops incl. thumbnail (numpy-friendly);
-                  .transform(PIL.Image) -> bluelm_v.types.Crops
-      encoder     torch.nn.Module: forward(pixels [K,3,B,B]) -> [K,T,C]; attrs hidden_size,
-                  num_tokens, image_size
-      downsampler factory(in_dim=C, ...) -> nn.Module [K,T,C] -> [K,T',C']; attrs out_dim,
-                  out_tokens(T) -> T'
-      projector   factory(in_dim, out_dim, ...) -> nn.Module [N, in_dim] -> [N, out_dim]
-      llm         factory(...) -> bluelm_v.types.LanguageModel-like: .model (causal LM),
-                  .tokenizer, .hidden_size
-      quantizer   .apply(model) -> model (rewrites weights / KV cache in place); .describe()
-      backend     .load(cfg) then .run_case(case: dict) -> dict of measured figures
+      tiler       bluelm_v.types.Tiler: tile_size; select(w, h) -> (m, n) (m columns along the
+                  width); select_many / num_crops numpy-vectorised (thumbnail counted);
+                  transform(PIL image) -> bluelm_v.types.Crops; optional degenerate_many, tokens
+      encoder     bluelm_v.types.Encoder: nn.Module, forward(pixels [K,3,B,B], *,
+                  tiles_per_batch, pipelined) -> [K,T,C]; hidden_size, num_tokens, image_size
+      downsampler bluelm_v.types.Downsampler: factory(in_dim=C) -> [K,T,C] -> [K,T',C'];
+                  out_dim, out_tokens(T)
+      projector   bluelm_v.types.Projector: factory(in_dim, out_dim) -> [N,in_dim] -> [N,out_dim]
+      llm         bluelm_v.types.LanguageModel: model, tokenizer, hidden_size, max_context,
+                  eos_token_ids, embed(ids)
+      engine      bluelm_v.types.Engine: factory(model=causal_lm); begin, prefill, step, steps,
+                  name, decode_chunk, length, device, cache_bytes
+      quantizer   bluelm_v.types.Quantizer: apply, prepare, save, load, settings, describe
+      backend     bluelm_v.types.Backend: load(cfg, registry), run_case(case) -> metrics;
+                  optional describe, cool_down(seconds), close
     """
 
 

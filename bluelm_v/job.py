@@ -1,8 +1,14 @@
 """What a job receives: the composed config, its run directory, the registry and the hooks.
 
 A job is a module in ``jobs/`` (installed as ``bluelm_v.jobs``) with:
-    run(ctx: JobContext) -> dict            the headline figures, written to summary.json
+    run(ctx: JobContext) -> dict            the headline figures, written to summary.json; with
+                                            ``status`` "partial" or "failed" (see outcome()) when
+                                            not every unit of work succeeded
     validate(cfg, registry) -> None         optional: check component names before any work
+    USES = ("tiler", ...)                   the top-level component nodes it reads (families, and
+                                            "deepspeed"); the launcher refuses overrides of others
+    OPEN_NODES = ("job.cases",)             optional: config mappings whose keys the job checks
+                                            itself (users may add keys there)
 Its docstring's first line is its one-line purpose (shown by ``bluelm-v jobs``).
 """
 from __future__ import annotations
@@ -44,6 +50,22 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+STATUSES = ("ok", "partial", "failed")
+
+
+def outcome(ok: int, failed: int, unit: str = "cases", why: str | None = None) -> dict:
+    """status/counts/reason for a job made of units of work: ``ok`` when none failed, ``failed``
+    (exit code 1) when none succeeded, ``partial`` (exit code 0) otherwise. Merge it into run()'s
+    result: ``return {**outcome(n_ok, n_failed, "cases", first_error), ...}``."""
+    total = ok + failed
+    if failed == 0:
+        return {"status": "ok", "counts": {"ok": ok, "failed": 0}}
+    status = "failed" if ok == 0 else "partial"
+    reason = (f"all {total} {unit} failed" if ok == 0 else f"{failed} of {total} {unit} failed")
+    return {"status": status, "counts": {"ok": ok, "failed": failed},
+            "reason": reason + (f" (first error: {why})" if why else "")}
 
 
 def write_json(path: Path | str, data: Any) -> Path:

@@ -45,7 +45,7 @@ class BlueLMV(torch.nn.Module):
         super().__init__()
         self.tiler = tiler
         self.encoder, self.downsampler, self.projector, self.llm = encoder, downsampler, projector, llm
-        if tiler is not None and getattr(tiler, "tile_size", encoder.image_size) != encoder.image_size:
+        if tiler is not None and tiler.tile_size != encoder.image_size:     # bluelm_v.types.Tiler has one
             raise ConfigError(f"tiler.tile_size: {tiler.tile_size} but the encoder takes "
                               f"{encoder.image_size} px tiles")
 
@@ -59,6 +59,10 @@ class BlueLMV(torch.nn.Module):
             registry = from_config(cfg)[1]
         get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
         tiler = registry.create_from_config("tiler", get("tiler"), "tiler") if get("tiler") is not None else None
+        if tiler is not None and getattr(tiler, "crops_for_encoder", True) is False:
+            raise ConfigError(f"tiler: '{get('tiler').get('name')}' decides sizes and visual tokens only (for "
+                              f"+experiment=ablate_tiling / tiling_sweep); a model needs a tiler that cuts crops, "
+                              f"e.g. tiler=relaxed")
         encoder = registry.create_from_config("encoder", get("encoder"), "encoder")
         downsampler = registry.create_from_config("downsampler", get("downsampler"), "downsampler",
                                                   in_dim=encoder.hidden_size)
@@ -133,11 +137,6 @@ class BlueLMV(torch.nn.Module):
         if n_tokens > self.llm.max_context:
             raise InputError(f"input: {n_tokens} tokens after splicing the images exceed "
                              f"the LLM context of {self.llm.max_context}")
-
-    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Parameters per part (training freezes/decays them per part)."""
-        return {name: list(getattr(self, name).parameters())
-                for name in ("encoder", "downsampler", "projector", "llm")}
 
 
 def model_dtype_device(hf_model):

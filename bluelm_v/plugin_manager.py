@@ -5,10 +5,18 @@
 Switches:
   BLUELM_V_DISABLE_PLUGIN_AUTOLOAD=1   load only the built-in plugins (those of bluelm-v itself)
   plugins.block=[NAME, ...]            never load these entry points (by entry-point name)
-  plugins.strict=true                  a plugin that fails to import is fatal (default: reported)
+  plugins.strict=true                  a plugin that fails to import, and a component name two
+                                       plugins register, are fatal at load (default: reported;
+                                       the clashing name fails only where it is used)
+
+Always fatal, as in pytest: a hook implementation no hookspec declares (a misspelled
+``bluelm_v_*`` name; ``@hookimpl(optionalhook=True)`` exempts one), and a component whose class
+does not meet its family's contract (bluelm_v.types). Both errors name the plugin and its
+distribution; ``plugins.block=[NAME]`` (or uninstalling it) gets past a broken plugin.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +26,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import PROJECT, hookspecs
-from .errors import PluginLoadError
+from .errors import ContractError, PluginLoadError
 from .registry import Provider, Registries
 
 ENTRY_POINT_GROUP = "bluelm_v"
@@ -31,6 +39,7 @@ class LoadReport:
     blocked: list[str] = field(default_factory=list)
     skipped_autoload: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (entry point, dist, error)
+    clashes: list[str] = field(default_factory=list)   # one line per name registered twice
 
 
 def _entry_points() -> list:
@@ -91,13 +100,48 @@ def load_plugins(block: Iterable[str] = (), autoload: bool | None = None, strict
         pm.register(plugin, name=name)
         providers[name] = Provider("(registered in process)", name, name)
         report.loaded.append((name, "(registered in process)"))
+    check_hooks(pm, providers)
     registry = Registries()
     # Call each plugin's registration separately so every component records its provider.
     for impl in reversed(pm.hook.bluelm_v_register.get_hookimpls()):
-        registry.current_provider = providers.get(impl.plugin_name, Provider(plugin=impl.plugin_name))
-        impl.function(registry=registry)
+        provider = providers.get(impl.plugin_name, Provider(plugin=impl.plugin_name))
+        registry.current_provider = provider
+        try:
+            impl.function(registry=registry)
+        except ContractError as exc:
+            raise ContractError(f"{exc}. Fix the plugin, uninstall {provider.distribution} or block it "
+                                f"with plugins.block=[{provider.plugin}]") from None
     registry.current_provider = Provider()
+    for family, names in registry.clashes().items():
+        for name, entries in names.items():
+            report.clashes.append(f"{family} '{name}' is registered by "
+                                  + " and by ".join(str(e.provider) for e in entries))
+            if strict:   # the registry's own error, naming every provider
+                registry[family].entry(name)
     return pm, registry, report
+
+
+def check_hooks(pm: pluggy.PluginManager, providers: dict[str, Provider]) -> None:
+    """pluggy's check_pending: every hook implementation matches a hookspec. Fails with one
+    line naming each plugin (and distribution) and its unknown hook, with the closest name."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        known = [n for n in vars(pm.hook) if not n.startswith("_") and getattr(pm.hook, n).has_spec()]
+        bad = []
+        for name in sorted(vars(pm.hook)):
+            caller = getattr(pm.hook, name)
+            if name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                close = difflib.get_close_matches(name, known, n=1)
+                where = providers.get(impl.plugin_name, Provider(plugin=impl.plugin_name))
+                bad.append(f"{where.plugin_label()} implements unknown hook '{name}'"
+                           + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise PluginLoadError("; ".join(bad) + f". Hooks: {', '.join(sorted(known))} "
+                              "(@hookimpl(optionalhook=True) marks one meant for another version)") from None
 
 
 _CACHE: dict[tuple, tuple] = {}

@@ -8,6 +8,12 @@
 
 Parameters are checked against the factory's signature before anything is built: an unknown
 key, a value of the wrong type or one outside a declared range fails with its key path.
+
+Shapes are checked against the family's Protocol (bluelm_v.types): a class factory when it
+registers, every created object when ``create`` returns it; either fails with ContractError
+naming the component, its plugin and what is missing. Two registrations of one name are both
+kept and listed (``rows``), and the name is unusable (DuplicateComponentError naming both)
+until one plugin is blocked or uninstalled.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import FAMILIES
-from .errors import ConfigError, DuplicateComponentError, UnknownComponentError
+from .errors import ConfigError, ContractError, DuplicateComponentError, UnknownComponentError
+from .types import CONTRACTS, contract_problems
 
 _NO_DEFAULT = "<required>"
 
@@ -34,6 +41,9 @@ class Provider:
 
     def __str__(self) -> str:
         return f"{self.distribution} ({self.module})"
+
+    def plugin_label(self) -> str:
+        return f"plugin '{self.plugin}' from {self.distribution}"
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Registry:
     def __init__(self, family: str, owner: "Registries | None" = None):
         self.family = family
         self._entries: dict[str, Entry] = {}
+        self._clashes: dict[str, list[Entry]] = {}    # name -> every registration of it
         self._owner = owner
 
     # -- registration -----------------------------------------------------------------------
@@ -110,16 +121,24 @@ class Registry:
         if not name or not isinstance(name, str):
             raise ConfigError(f"{self.family}: a component name must be a non-empty string, got {name!r}")
         provider = self._owner.current_provider if self._owner else Provider()
-        if name in self._entries:
-            old = self._entries[name].provider
-            raise DuplicateComponentError(
-                f"{self.family} '{name}' is registered twice: by {old} and by {provider}. "
-                f"Uninstall one of them or block one with plugins.block=[{provider.plugin}]")
         doc = description or (inspect.getdoc(factory) or "").split("\n")[0]
-        self._entries[name] = Entry(self.family, name, factory, doc, provider,
-                                    dict(ranges or {}), {k: tuple(v) for k, v in (choices or {}).items()},
-                                    requires)
+        entry = Entry(self.family, name, factory, doc, provider, dict(ranges or {}),
+                      {k: tuple(v) for k, v in (choices or {}).items()}, requires)
+        if inspect.isclass(factory):       # a function's objects are checked when created
+            self._check_contract(entry, factory)
+        if name in self._entries:
+            self._clashes.setdefault(name, [self._entries[name]]).append(entry)
+        else:
+            self._entries[name] = entry
         return factory
+
+    def _check_contract(self, entry: Entry, obj: Any) -> None:
+        problems = contract_problems(self.family, obj)
+        if problems:
+            what = getattr(obj if inspect.isclass(obj) else type(obj), "__qualname__", "?")
+            raise ContractError(
+                f"{self.family} '{entry.name}' ({what}, {entry.provider.plugin_label()}) does not meet the "
+                f"{self.family} contract (bluelm_v.types.{CONTRACTS[self.family].__name__}): {', '.join(problems)}")
 
     # -- lookup -----------------------------------------------------------------------------
     def names(self, pattern: str = "*") -> list[str]:
@@ -131,10 +150,20 @@ class Registry:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clashes(self) -> dict[str, list[Entry]]:
+        """Names registered more than once -> every registration of each."""
+        return {n: list(es) for n, es in self._clashes.items()}
+
     def entry(self, name: str, path: str | None = None) -> Entry:
+        path = path or self.family
+        if name in self._clashes:
+            es = self._clashes[name]
+            raise DuplicateComponentError(
+                f"{path}: {self.family} '{name}' is registered {len(es)} times: by "
+                + " and by ".join(str(e.provider) for e in es)
+                + f". Uninstall one of them or block one with plugins.block=[{es[-1].provider.plugin}]")
         if name in self._entries:
             return self._entries[name]
-        path = path or self.family
         close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
         hint = "; ".join(f"'{c}' from {self._entries[c].provider}" for c in close)
         known = ", ".join(self.names()) or "(none: is the plugin that provides it installed?)"
@@ -144,7 +173,10 @@ class Registry:
             + f"Registered {self.family}s: {known}. See `bluelm-v plugins`.")
 
     def describe(self, name: str) -> dict[str, Any]:
-        e = self.entry(name)
+        return self._describe(self.entry(name))
+
+    def _describe(self, e: Entry) -> dict[str, Any]:
+        name = e.name
         params = {}
         for pname, p in e.parameters().items():
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
@@ -196,14 +228,27 @@ class Registry:
         e = self.validate(name, {k: v for k, v in params.items()}, _path,
                           wiring=tuple(k for k in params))
         try:
-            return e.factory(**params)
+            made = e.factory(**params)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{_path or self.family} ({self.family} '{name}'): {exc}") from exc
+        self._check_contract(e, made)
+        return made
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per registration (both of a clashing name, each with ``clash``: the others)."""
+        out = []
+        for name in self.names():
+            if name not in self._clashes:
+                out.append(self._describe(self._entries[name]))
+                continue
+            es = self._clashes[name]
+            for e in es:
+                out.append({**self._describe(e), "clash": [str(o.provider) for o in es if o is not e]})
+        return out
 
 
 class Registries:
-    """All eight families: ``registry.tiler``, ``registry.encoder``, ... (plus any extra family
-    a plugin adds with :meth:`add_family`)."""
+    """All eight families: ``registry.tiler``, ``registry.encoder``, ..."""
 
     def __init__(self, families=FAMILIES):
         self.current_provider = Provider()
@@ -219,9 +264,6 @@ class Registries:
         if family not in self._families:
             raise ConfigError(f"no component family '{family}'; families: {', '.join(self._families)}")
         return self._families[family]
-
-    def add_family(self, family: str) -> Registry:
-        return self._families.setdefault(family, Registry(family, self))
 
     def families(self) -> list[str]:
         return list(self._families)
@@ -250,5 +292,10 @@ class Registries:
         return self[family].create(name, _path=path, **params, **wiring)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per registered component, for `bluelm-v plugins`."""
-        return [self[f].describe(n) for f in self._families for n in self[f].names()]
+        """One row per registered component, for `bluelm-v plugins` (clashing names: one row
+        per provider, each with ``clash``)."""
+        return [row for f in self._families for row in self[f].rows()]
+
+    def clashes(self) -> dict[str, dict[str, list[Entry]]]:
+        """family -> {name registered more than once -> its registrations}."""
+        return {f: c for f in self._families if (c := self[f].clashes())}

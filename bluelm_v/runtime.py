@@ -5,6 +5,8 @@
     res = gen.generate("<image>\nWhat is in the picture?", images=[handle], max_new_tokens=64,
                        stream=lambda piece: print(piece, end="", flush=True), prefill_chunk=256)
     res.text, res.timings["ttft_s"], res.timings["decode_tokens_per_s"]
+    results = gen.generate_batch(prompts, [[img] for img in photos], max_new_tokens=16,
+                                 batch_size=32)                    # batched: bluelm_v/batch_generate.py
 
 Lower-level steps (what backends time separately): ``encode_image`` -> ``EncodedImage``,
 ``prompt_ids``, ``embed_prompt`` (splices the visual tokens), ``prefill`` -> logits of the last
@@ -26,7 +28,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import chat
+from . import batch_generate, chat
+from .data.image_sizes import open_image
 from .errors import InputError
 
 RUNTIME_DEFAULTS = dict(prefill_chunk=128, release_encoder=False, threads=None, system=None)
@@ -66,8 +69,10 @@ def load_image(image: Any, name: str = "image"):
         if path.stat().st_size == 0:
             raise InputError(f"{name}: {str(path)!r} is empty (0 bytes)")
         try:
-            img = Image.open(path)
+            img = open_image(path, name)      # refuses more pixels than images.max_pixels
             img.load()
+        except InputError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{name}: {str(path)!r} is not a readable image ({exc})") from None
     if img.width <= 0 or img.height <= 0:
@@ -104,7 +109,8 @@ class GenerationResult:
 
 
 class Generator:
-    """Batch-1 generation over a :class:`bluelm_v.model.BlueLMV` (see module docstring)."""
+    """Generation over a :class:`bluelm_v.model.BlueLMV`: one prompt (``generate``) or many
+    decoded together (``generate_batch``); see the module docstring."""
 
     def __init__(self, model, engine: Any = "auto", registry=None, prefill_chunk: int = 128,
                  release_encoder: bool = False, threads: int | None = None, system: str | None = None):
@@ -151,20 +157,48 @@ class Generator:
     @torch.no_grad()
     def _encode_now(self, image: Any, name: str, tiles_per_batch: int | None, pipelined: bool | None) -> dict:
         t0 = time.perf_counter()
-        grid = None
-        if isinstance(image, torch.Tensor):
-            pixels = image if image.dim() == 4 else image[None]
-        else:
-            if self.model.tiler is None:
-                raise InputError(f"{name}: the model has no tiler; pass crops [K,3,B,B]")
-            crops = self.model.tiler.transform(load_image(image, name))
-            pixels, grid = crops.pixels, tuple(crops.grid)
+        pixels, grid = self.prepare_image(image, name)
         device = self._encoder_device
         with self._lock:
             feats = self.model.encode_images(pixels.to(device), tiles_per_batch, pipelined)   # [K*T', D]
         done = time.perf_counter()
         return {"features": feats, "grid": grid, "crops": int(pixels.shape[0]),
                 "encode_s": done - t0, "done_at": done}
+
+    def prepare_image(self, image: Any, name: str = "image") -> tuple[torch.Tensor, tuple | None]:
+        """A path, PIL image or crops tensor -> (crops [K,3,B,B], grid (m, n) or None): the
+        tiler's work, on the host."""
+        if isinstance(image, torch.Tensor):
+            if image.dim() not in (3, 4):
+                raise InputError(f"{name}: crops must be [K,3,B,B], got shape {tuple(image.shape)}")
+            return (image if image.dim() == 4 else image[None]), None
+        if self.model.tiler is None:
+            raise InputError(f"{name}: the model has no tiler; pass crops [K,3,B,B]")
+        crops = self.model.tiler.transform(load_image(image, name))
+        return crops.pixels, tuple(crops.grid)
+
+    def planned_crops(self, image: Any, name: str = "image") -> int:
+        """How many crops ``image`` makes, without tiling it: a tensor's first dim; for a path or
+        PIL image the tiler's grid for its size (a file's size read from its header)."""
+        if isinstance(image, torch.Tensor):
+            return int(self.prepare_image(image, name)[0].shape[0])
+        if self.model.tiler is None:
+            raise InputError(f"{name}: the model has no tiler; pass crops [K,3,B,B]")
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(image, Image.Image):
+            size = image.size
+        else:
+            path = Path(image)
+            if not path.is_file() or path.stat().st_size == 0:
+                load_image(image, name)                   # raises the precise InputError
+            try:
+                with Image.open(path) as img:
+                    size = img.size
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise InputError(f"{name}: {str(path)!r} is not a readable image ({exc})") from None
+        tiler = self.model.tiler
+        return int(tiler.num_crops(*tiler.select(*size)))
 
     def release_encoder(self) -> None:
         """Free the vision encoder's weights (after all images are encoded)."""
@@ -295,6 +329,34 @@ class Generator:
                                 visual_tokens=visual, grids=[e["grid"] for e in encoded],
                                 crops=[e["crops"] for e in encoded], finish_reason=reason,
                                 timings=timings)
+
+    def generate_batch(self, prompts: Sequence[str | list], images: Sequence[Sequence[Any]],
+                       max_new_tokens: int = 64, stream: Callable[[int, str], Any] | None = None,
+                       prefill_chunk: int | None = None, tiles_per_batch: int | None = None,
+                       batch_size: int | None = None) -> list[GenerationResult]:
+        """``generate`` for many prompts at once -> one result per prompt, in order.
+        ``images[i]``: the images of ``prompts[i]`` (paths, PIL images, crops tensors or
+        ``encode_image`` handles). Prompts of similar length are batched ``batch_size`` at a time
+        (None: all at once); a batch's crops are encoded together, its rows prefilled packed
+        ``prefill_chunk`` tokens a forward (None: the constructor's value on CPU, at least 8192
+        on CUDA) and decoded together, finished rows dropped (bluelm_v/batch_generate.py).
+        ``stream(i, piece)``: new text of prompt i. Greedy: the tokens of ``generate``, prompt by
+        prompt. Every prompt and image is checked before any work starts."""
+        if prefill_chunk is not None:
+            _check_chunk(prefill_chunk)
+        if batch_size is not None and int(batch_size) < 1:
+            raise InputError(f"batch_size: {batch_size}; it must be >= 1")
+        rows = batch_generate.plan(self, prompts, images)
+        if not (hasattr(self.engine, "begin_batch") and self.engine.supports_batch()):
+            return [self.generate(p, ims, max_new_tokens, None if stream is None else
+                                  (lambda piece, i=i: stream(i, piece)), prefill_chunk, tiles_per_batch)
+                    for i, (p, ims) in enumerate(zip(prompts, images))]   # no batch API: one by one
+        results: list = [None] * len(rows)
+        for index, fields in batch_generate.batched(self, rows, max_new_tokens, stream, prefill_chunk,
+                                                    tiles_per_batch, batch_size):
+            fields["timings"]["peak_rss_mb"] = peak_rss_mb()
+            results[index] = GenerationResult(**fields)
+        return results
 
     def sync(self) -> None:
         """Wait for the device (CUDA) before reading a timer."""

@@ -30,6 +30,9 @@ import time
 from bluelm_v.errors import ConfigError, InputError
 from bluelm_v.runtime import RUNTIME_DEFAULTS, load_image
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "engine", "quantizer")
+
 
 def _images(cfg) -> list[str]:
     image = cfg.get("image")
@@ -38,6 +41,17 @@ def _images(cfg) -> list[str]:
     if isinstance(image, str):
         return [image]
     return [str(i) for i in image]
+
+
+def _device(name: str) -> str:
+    """``device``: auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda is set but torch sees no CUDA device")
+    return name
 
 
 def validate(cfg, registry) -> None:
@@ -52,6 +66,8 @@ def validate(cfg, registry) -> None:
     chunk = runtime.get("prefill_chunk", 128)
     if not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"runtime.prefill_chunk: must be an integer >= 1, got {chunk!r}")
+    if cfg.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {cfg.get('device')!r} is not one of auto, cpu, cuda")
     if not isinstance(cfg.get("prompt"), str):
         raise ConfigError("prompt: must be a string")
     if cfg.get("checkpoint"):
@@ -82,6 +98,7 @@ def run(ctx) -> dict:
         model, _ = load_checkpoint(cfg.checkpoint, ctx.registry)
     else:
         model = BlueLMV.from_config(cfg, ctx.registry)
+    model = model.to(_device(cfg.get("device", "auto")))
     if cfg.get("quantizer") is not None:          # e.g. quantizer=w4: rewrites weights in place
         ctx.create("quantizer").apply(model)
     load_s = time.perf_counter() - t0

@@ -41,8 +41,11 @@ def _siglip_class():
         def __init__(self, preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = True,
                      feature_layer: int = -2, path: str | None = None, dtype: str = "float32",
                      attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0,
-                     image_size: int | None = None, implementation: str = "transformers"):
+                     image_size: int | None = None, implementation: str = "transformers",
+                     fused: bool = False, compile: bool = False, cuda_graph: bool = False,
+                     fp8: bool = False, attention: str = "auto"):
             super().__init__()
+            self._fast_options(fused, compile, cuda_graph, fp8, attention, device)
             if implementation == "native":
                 if path:
                     raise ValueError("implementation native builds random-init presets; use "
@@ -79,6 +82,22 @@ def _siglip_class():
                     _materialise(self, config, torch_dtype(dtype), device, seed)
             del full, tower
 
+        def _fast_options(self, fused, compile, cuda_graph, fp8, attention, device):
+            """The fast path (bluelm_v/nn/siglip_fast.py): on when any option asks for it."""
+            from bluelm_v.errors import ConfigError
+
+            dev = torch.device(device)
+            if fp8 and dev.type == "cuda" and torch.cuda.is_available() and \
+                    torch.cuda.get_device_capability(dev) < (8, 9):
+                raise ConfigError(f"encoder.fp8: FP8 matmuls need an sm89+ GPU (Ada, Hopper); "
+                                  f"{torch.cuda.get_device_name(dev)} is not one")
+            self.fast = bool(fused or compile or cuda_graph or fp8 or attention != "auto")
+            self.fp8, self.attention, self.cuda_graph = bool(fp8), attention, bool(cuda_graph)
+            self._layer_fn, self._graphed = None, None
+            if compile:
+                from bluelm_v.nn.siglip_fast import siglip_layer
+                self._layer_fn = torch.compile(siglip_layer, dynamic=False)
+
         # -- the two stages the pipeline overlaps ------------------------------------------
         def _init_native(self, preset, image_size, feature_layer, tiles_per_batch, pipelined, dtype, device, seed):
             """The same tower from bluelm_v.nn.llama (no transformers import), same parameter names."""
@@ -103,6 +122,8 @@ def _siglip_class():
 
         def transform(self, tokens):
             """[k,T,C] -> [k,T,C]: the transformer layers up to the feature layer."""
+            if self.fast:
+                return self._fast_transform(tokens)
             for layer in self.layers:
                 tokens = layer(tokens, attention_mask=None)
                 if isinstance(tokens, tuple):  # older transformers return (hidden, attn)
@@ -114,12 +135,33 @@ def _siglip_class():
             value), the patch embedding of the next group overlapped when ``pipelined``."""
             tiles_per_batch = self.tiles_per_batch if tiles_per_batch is None else int(tiles_per_batch)
             pipelined = self.pipelined if pipelined is None else bool(pipelined)
+            if self.cuda_graph and pixels.is_cuda and not torch.is_grad_enabled():
+                from bluelm_v.nn.siglip_fast import GraphedRunner
+                if self._graphed is None:   # one graph per (tile count, tiles per call); no pipelining
+                    self._graphed = {}
+                run = self._graphed.setdefault(tiles_per_batch, GraphedRunner(
+                    lambda px: torch.cat([self.transform(self.embed(g)) for g in px.split(max(1, tiles_per_batch))])))
+                return run(pixels)
             groups = list(pixels.split(max(1, tiles_per_batch)))  # [k,3,B,B] each
             if not pipelined or len(groups) == 1:
                 return torch.cat([self.transform(self.embed(g)) for g in groups])
             if pixels.is_cuda:
                 return self._forward_streams(groups)
             return self._forward_threads(groups)
+
+        def _fast_transform(self, tokens):
+            """The layers as ``siglip_layer`` over raw weights (compiled if asked; FP8 if asked)."""
+            from bluelm_v.nn.siglip_fast import attention_backend, layer_weights, siglip_layer
+
+            fn = self._layer_fn or siglip_layer
+            heads, eps = self.config.num_attention_heads, self.config.layer_norm_eps
+            with attention_backend(self.attention):
+                for layer in self.layers:
+                    w = layer_weights(layer, self.fp8)
+                    tokens = layer(tokens, attention_mask=None) if w is None else fn(tokens, *w, heads=heads, eps=eps)
+                    if isinstance(tokens, tuple):
+                        tokens = tokens[0]
+            return tokens
 
         def _forward_threads(self, groups):
             from concurrent.futures import ThreadPoolExecutor
@@ -203,14 +245,21 @@ def _normal_(tensor, std: float, gen):
 def siglip(preset: str = "tiny", tiles_per_batch: int = 4, pipelined: bool = True,
            feature_layer: int = -2, path: str | None = None, dtype: str = "float32",
            attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0,
-           image_size: int | None = None, implementation: str = "transformers"):
+           image_size: int | None = None, implementation: str = "transformers",
+           fused: bool = False, compile: bool = False, cuda_graph: bool = False, fp8: bool = False,
+           attention: str = "auto"):
     """SigLIP vision tower (transformers), penultimate-layer features, batched + pipelined tiles.
     ``image_size`` overrides the preset's tile size (a multiple-of-14 side keeps every pixel seen).
-    ``implementation: native`` builds the same tower from bluelm_v.nn.llama (no transformers import)."""
+    ``implementation: native`` builds the same tower from bluelm_v.nn.llama (no transformers import).
+    Inference speed (bluelm_v/nn/siglip_fast.py; any of them turns the fast path on): ``fused``
+    (q|k|v as one GEMM, the layer as one function), ``compile`` (torch.compile of that layer),
+    ``cuda_graph`` (one CUDA graph per tile count, no pipelining), ``fp8`` (e4m3 matmuls, sm89+),
+    ``attention`` (the SDPA backend: auto, flash, cudnn, efficient, math)."""
     return _siglip_class()(preset=preset, tiles_per_batch=tiles_per_batch, pipelined=pipelined,
                            feature_layer=feature_layer, path=path, dtype=dtype,
                            attn_implementation=attn_implementation, device=device, seed=seed,
-                           image_size=image_size, implementation=implementation)
+                           image_size=image_size, implementation=implementation, fused=fused,
+                           compile=compile, cuda_graph=cuda_graph, fp8=fp8, attention=attention)
 
 
 @hookimpl
@@ -221,4 +270,5 @@ def bluelm_v_register(registry):
                     "tiles_per_batch + pipelined patch embedding",
         ranges={"tiles_per_batch": (1, None), "image_size": (14, 4096)},
         choices={"preset": tuple(SIGLIP_PRESETS), "dtype": DTYPES,
-                 "attn_implementation": ("sdpa", "eager"), "implementation": ("transformers", "native")})
+                 "attn_implementation": ("sdpa", "eager"), "implementation": ("transformers", "native"),
+                 "attention": ("auto", "flash", "cudnn", "efficient", "math")})

@@ -1,4 +1,4 @@
-"""Shared fixtures: quiet loggers, config composition, a tiny third-party plugin package."""
+"""Shared fixtures: quiet loggers, a local-only Ray, config composition, the third-party plugin package."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from bluelm_v.cluster import LOCAL_ENV
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("BLUELM_V_NO_PROGRESS", "1")
+# Every Ray cluster a test starts (ray.init, `ray start`, the launcher's) listens on 127.0.0.1
+# only, reports no usage statistics and needs a token: set before anything imports Ray.
+os.environ.update(LOCAL_ENV)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_PACKAGE = Path(__file__).resolve().parent / "plugin_fixture"
@@ -17,15 +22,14 @@ FIXTURE_PACKAGE = Path(__file__).resolve().parent / "plugin_fixture"
 
 @pytest.fixture
 def compose():
-    """compose(["+experiment=ablate_tiling", "tiler.alpha=0.2"]) -> DictConfig (with hydra.*)."""
-    from hydra import compose as hydra_compose, initialize_config_module
+    """compose(["+experiment=ablate_tiling", "tiler.alpha=0.2"]) -> DictConfig (with hydra.*
+    when asked), every registered component selectable as `FAMILY=NAME` (as in the launcher)."""
     from hydra.core.global_hydra import GlobalHydra
 
+    from bluelm_v.compose import compose as compose_config
+
     def _compose(overrides=(), return_hydra_config=False):
-        GlobalHydra.instance().clear()
-        with initialize_config_module(config_module="bluelm_v.conf", version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides),
-                                 return_hydra_config=return_hydra_config)
+        return compose_config(overrides, return_hydra_config=return_hydra_config)
 
     yield _compose
     GlobalHydra.instance().clear()
@@ -33,8 +37,9 @@ def compose():
 
 @pytest.fixture(scope="session")
 def third_party_env(tmp_path_factory):
-    """Install tests/plugin_fixture (a separate distribution with a `bluelm_v` entry point)
-    into a temporary target directory with pip, and return an environment that sees it."""
+    """Install tests/plugin_fixture (a separate distribution with `bluelm_v` entry points: one
+    working plugin of every family, plus a broken module) into a temporary target directory
+    with pip, and return an environment that sees it."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), str(FIXTURE_PACKAGE)],

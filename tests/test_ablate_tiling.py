@@ -49,15 +49,23 @@ def test_manifest_keeps_extra_columns_skips_blank_lines_and_reads_gzip(tmp_path)
 @pytest.mark.parametrize("text, where", [
     ("w,h\n1,2\n", "line 1: missing column(s) width, height"),
     ("width,source\n1,a\n", "line 1: missing column(s) height"),
-    ("width,height\n1,2\n3,4\n5,abc\n", "line 4: height = 'abc' is not an integer"),
-    ("width,height\n1,2\n1.5,2\n", "line 3: width = '1.5' is not an integer"),
-    ("width,height\n1,2,3\n", "line 2: 3 fields, the header has 2"),
     ("", "line 1: empty file")])
-def test_malformed_manifest_fails_at_once_with_the_line(tmp_path, text, where):
+def test_a_manifest_without_a_usable_header_fails_at_once(tmp_path, text, where):
     (tmp_path / "bad.csv").write_text(text)
     with pytest.raises(InputError) as err:
         read_size_manifest(tmp_path / "bad.csv")
     assert where in str(err.value) and "bad.csv" in str(err.value)
+
+
+def test_bad_rows_are_skipped_with_their_reason_never_dropped(tmp_path):
+    """A row that is just `,` (and any other malformed row) is counted with its reason and line."""
+    (tmp_path / "m.csv").write_text("width,height\n640,480\n,\n5,abc\n1.5,2\n1,2,3\n\n7\n")
+    good, bad = split_bad_sizes(read_size_manifest(tmp_path / "m.csv"))
+    assert good[["width", "height", "line"]].values.tolist() == [[640, 480, 2]]
+    assert list(zip(bad["line"], bad["reason"], bad["detail"])) == [
+        (3, "missing_size", "width = ''"), (4, "not_an_integer", "height = 'abc'"),
+        (5, "not_an_integer", "width = '1.5'"), (6, "wrong_field_count", "3 fields, the header has 2"),
+        (8, "wrong_field_count", "1 fields, the header has 2")]
 
 
 def test_zero_negative_and_huge_sizes_are_skipped_with_a_reason(tmp_path):
@@ -149,11 +157,38 @@ def test_validate_names_the_bad_key(ablation_cfg, tmp_path):
         (tmp_path / "d.json").write_text("[]")
         ablate_tiling.validate(ablation_cfg(f"dataset.llava_json={tmp_path}/d.json"), registry)
     ablate_tiling.validate(ablation_cfg("ablation.overrides={relaxed: {alpha: 0.2}}"), registry)
-    assert ablate_tiling.tiler_params(ablation_cfg("ablation.overrides={relaxed: {alpha: 0.2}}"), "relaxed")[0]["alpha"] == 0.2
+    assert ablate_tiling.tiler_params(ablation_cfg("ablation.overrides={relaxed: {alpha: 0.2}}"), registry,
+                                      "relaxed")[1]["alpha"] == 0.2
+    with pytest.raises(ConfigError, match=r"ablation.tilers: a non-empty list of tiler names / presets, or 'all'"):
+        ablate_tiling.validate(ablation_cfg("ablation.tilers=everything"), registry)
+    with pytest.raises(ConfigError, match=r"pricing.prefill_chunk: a positive integer"):
+        ablate_tiling.validate(ablation_cfg("pricing.prefill_chunk=0"), registry)
+
+
+def test_top_level_tiler_settings_apply_to_the_ablation_tiler_of_that_name(ablation_cfg):
+    """The README's `tiler.alpha=0.2` sets the compared relaxed tiler's alpha; a tiler setting
+    that matches no compared tiler fails naming the setting and the job."""
+    _, registry, _ = get()
+    cfg = ablation_cfg("tiler.alpha=0.2")
+    ablate_tiling.validate(cfg, registry)
+    name, params, origin = ablate_tiling.tiler_params(cfg, registry, "relaxed")
+    assert (name, params["alpha"], origin) == ("relaxed", 0.2, "tiler (the top-level node)")
+    over = ablation_cfg("tiler.alpha=0.2", "+ablation.overrides.relaxed.alpha=0.3")
+    assert ablate_tiling.tiler_params(over, registry, "relaxed")[1]["alpha"] == 0.3      # overrides win
+    elsewhere = ablation_cfg("tiler.alpha=0.2", "ablation.tilers=[llava_next,internvl]", "ablation.reference=llava_next")
+    with pytest.raises(ConfigError, match=r"tiler.alpha=0.2: the ablate_tiling job compares ablation.tilers "
+                                          r"\['llava_next', 'internvl'\], and none is tiler 'relaxed'"):
+        ablate_tiling.validate(elsewhere, registry)
+    ablate_tiling.validate(ablation_cfg("ablation.tilers=[llava_next,internvl]", "ablation.reference=llava_next"),
+                           registry)                                   # the untouched default tiler is fine
+    every = ablation_cfg("ablation.tilers=all")
+    assert {"qwen2_vl", "llava_next_v16", "internvl_448", "relaxed"} <= set(ablate_tiling.labels(every, registry))
+    assert ablate_tiling.tiler_params(every, registry, "internvl_448")[:2] == (
+        "internvl", {"tile_size": 448, "min_tiles": 1, "max_tiles": 12, "thumbnail": "auto", "tokens_per_crop": 256})
 
 
 class HalfTiler:
-    """A minimal third-party tiler: scalar select only (no select_many), two tiles when wide."""
+    """A minimal third-party tiler (bluelm_v.types.Tiler, no optional members): two tiles when wide."""
 
     def __init__(self, tile_size: int = 384):
         self.tile_size = tile_size
@@ -161,8 +196,15 @@ class HalfTiler:
     def select(self, width, height):
         return (2, 1) if width > height else (1, 1)
 
+    def select_many(self, widths, heights):
+        wide = np.asarray(widths) > np.asarray(heights)
+        return np.where(wide, 2, 1), np.ones(len(wide), np.int64)
+
     def num_crops(self, m, n):
         return m * n
+
+    def transform(self, image):
+        raise NotImplementedError("the ablation only selects grids")
 
 
 class HalfPlugin:
@@ -172,20 +214,25 @@ class HalfPlugin:
 
 
 def test_a_third_party_tiler_is_validated_and_compared(ablation_cfg):
+    from bluelm_v.plugins.tilers.zoo import decide_all
+
     _, registry, _ = load_plugins(extra=[HalfPlugin()])
     ablate_tiling.validate(ablation_cfg("ablation.tilers=[relaxed,half]"), registry)
     tilers = {"relaxed": registry.tiler.create("relaxed"), "half": registry.tiler.create("half")}
     w, h = np.array([394, 500, 380, 640]), np.array([390, 102, 393, 480])
-    decided = ablate_tiling.decide_sizes(tilers, w, h)
-    assert decided["half"]["m"].tolist() == [2, 2, 1, 2] and decided["half"]["crops"].tolist() == [2, 2, 1, 2]
-    samples = pd.DataFrame({"width": w, "height": h})
-    table = ablate_tiling.decisions_table(samples, {k: v for k, v in decided.items() if k != "_cpu_s"}, 196)
-    summary = report.summarize(table, tilers, {"relaxed": ({}, "x"), "half": ({}, "y")}, "relaxed",
-                               decided, pd.DataFrame({"reason": []}), {"kind": "manifest"}, 196)
+    decided, _ = decide_all(tilers, w, h)
+    half = decided["half"][0]
+    assert half.m.tolist() == [2, 2, 1, 2] and half.crops.tolist() == [2, 2, 1, 2]
+    assert half.tokens.tolist() == [392, 392, 196, 392]                 # crops x ablation.tokens_per_crop
+    table = ablate_tiling.decisions_table(pd.DataFrame({"width": w, "height": h}), decided, tilers, {})
+    params = {"relaxed": ("relaxed", {}, "x"), "half": ("half", {}, "y")}
+    summary = report.summarize(table, tilers, params, "relaxed", decided, {}, {}, pd.DataFrame({"reason": []}),
+                               {"kind": "manifest"}, (1024,))
     relaxed_tiles = np.array([a * b for a, b in (tilers["relaxed"].select(x, y) for x, y in zip(w, h))])
     half_tiles = np.array([2, 2, 1, 2])
     assert summary["pairs"]["relaxed_vs_half"]["smaller"] == int((relaxed_tiles < half_tiles).sum())
     assert summary["pairs"]["relaxed_vs_half"]["larger"] == int((relaxed_tiles > half_tiles).sum())
+    assert summary["tilers"]["half"]["mean_upscale"] is None             # no pixel figures from a minimal tiler
 
 
 # -- end to end (one Ray start for the module) ------------------------------------------------
@@ -197,45 +244,72 @@ def ray_once():
         ray.shutdown()
 
 
-def _run(cfg, run_dir):
+def _run(cfg, run_dir, status="ok"):
     from bluelm_v.launch import run
     summary = run(cfg, run_dir)
     on_disk = json.loads((run_dir / "summary.json").read_text())
-    assert on_disk["status"] == "ok" and on_disk["n_images"] == summary["n_images"]
+    assert summary["status"] == on_disk["status"] == status and on_disk["n_images"] == summary["n_images"]
     return summary
 
 
 @pytest.mark.slow
 def test_end_to_end_manifest(ablation_cfg, tmp_path, ray_once):
+    from bluelm_v.plugins.tilers import RelaxedTiler
+
     coco = read_size_manifest().sample(300, random_state=0)
     rows = [*map(tuple, coco[["width", "height"]].values.tolist()), *WORKED, (1, 10000), (0, 480), (-1, 5)]
     manifest = tmp_path / "sizes.csv"
-    manifest.write_text("width,height\n" + "".join(f"{w},{h}\n" for w, h in rows))
+    manifest.write_text("width,height\n" + "".join(f"{w},{h}\n" for w, h in rows) + ",\n")
     run_dir = tmp_path / "run"
-    summary = _run(ablation_cfg(f"dataset.manifest={manifest}", "ray.num_cpus=2", "ablation.shard_size=50"), run_dir)
+    names = ["relaxed", "llava_next", "internvl", "qwen2_vl"]
+    summary = _run(ablation_cfg(f"dataset.manifest={manifest}", "ray.num_cpus=2", "ablation.shard_size=50",
+                                f"ablation.tilers=[{','.join(names)}]", "tiler.alpha=0.2"), run_dir)
 
     n = len(rows) - 2
-    assert summary["n_images"] == n and summary["n_skipped"] == 2
-    assert summary["skipped_reasons"] == {"nonpositive_size": 2} and summary["work"]["n_shards"] >= 2
-    assert pd.read_csv(run_dir / "skipped.csv")["row"].tolist() == [len(rows), len(rows) + 1]  # file lines
+    assert summary["n_images"] == n and summary["n_skipped"] == 3 and summary["work"]["n_shards"] >= 2
+    assert summary["skipped_reasons"] == {"missing_size": 1, "nonpositive_size": 2}
+    skipped = pd.read_csv(run_dir / "skipped.csv")
+    assert sorted(zip(skipped["row"], skipped["reason"])) == [                      # file lines
+        (len(rows), "nonpositive_size"), (len(rows) + 1, "nonpositive_size"), (len(rows) + 2, "missing_size")]
     dec = pd.read_parquet(run_dir / "decisions.parquet")
-    names = ["relaxed", "llava_next", "internvl"]
-    assert len(dec) == n and {f"{t}_{c}" for t in names for c in ("m", "n", "crops", "tokens")} <= set(dec.columns)
+    assert len(dec) == n and {f"{t}_{c}" for t in names[:3] for c in ("m", "n", "crops", "tokens")} <= set(dec.columns)
+    assert "qwen2_vl_m" not in dec.columns                                           # no tile grid
+    relaxed = RelaxedTiler(alpha=0.2)                                                # tiler.alpha applied
+    assert summary["tilers"]["relaxed"]["params"]["alpha"] == 0.2
+    assert [relaxed.select(w, h) for w, h in zip(dec.width, dec.height)] == list(zip(dec.relaxed_m, dec.relaxed_n))
     for (w, h), grids in WORKED.items():
         row = dec[(dec.width == w) & (dec.height == h)].iloc[0]
-        assert {t: (row[f"{t}_m"], row[f"{t}_n"]) for t in names} == grids
+        assert {t: (row[f"{t}_m"], row[f"{t}_n"]) for t in names[1:3]} == {t: grids[t] for t in names[1:3]}
     assert (dec["relaxed_tokens"] == 196 * dec["relaxed_crops"]).all()
+    strip = dec[(dec.width == 1) & (dec.height == 10000)].iloc[0]
+    assert pd.isna(strip["qwen2_vl_tokens"]) and strip["qwen2_vl_skip"] == "aspect_ratio_over_200"
+    assert summary["tilers"]["qwen2_vl"]["skip_reasons"] == {"aspect_ratio_over_200": 1}
     assert summary["tilers"]["relaxed"]["n_degenerate"] == 1
-    for t in names:
+    for t in names[:3]:
         assert sum(summary["tilers"][t]["tile_count_histogram"].values()) == n
     ref_tiles = dec.relaxed_m * dec.relaxed_n
     for t in ("llava_next", "internvl"):
         pair, tiles = summary["pairs"][f"relaxed_vs_{t}"], dec[f"{t}_m"] * dec[f"{t}_n"]
         assert (pair["smaller"], pair["same"], pair["larger"]) == (
             int((ref_tiles < tiles).sum()), int((ref_tiles == tiles).sum()), int((ref_tiles > tiles).sum()))
+    phone = summary["tilers"]["internvl"]["phone"]                                    # priced on the simulated phone
+    seconds = (dec.internvl_encode_s + dec.internvl_prefill_s).astype(float)
+    assert phone["total_hours"] == pytest.approx(seconds.sum() / 3600, rel=1e-5) and phone["mean_s"] > 0
+    assert dec.qwen2_vl_encode_s.isna().sum() == 1                                    # the skipped strip
     text = (run_dir / "report.md").read_text()
+    assert "phone-hours" in text and "> 1,024" in text
     for png in ("tile_counts.png", "grid_map.png", "token_cdf.png"):
         assert f"]({png})" in text and (run_dir / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_every_row_skipped_ends_failed_with_the_reason(ablation_cfg, tmp_path, ray_once):
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("width,height\n,\n0,5\nx,4\n")
+    summary = _run(ablation_cfg(f"dataset.manifest={manifest}", "ray.num_cpus=2"), tmp_path / "run", status="failed")
+    assert summary["reason"].startswith("every one of the 3 input rows was skipped")
+    assert summary["skipped_reasons"] == {"missing_size": 1, "nonpositive_size": 1, "not_an_integer": 1}
+    assert len(pd.read_csv(tmp_path / "run" / "skipped.csv")) == 3
 
 
 @pytest.mark.slow
@@ -252,6 +326,7 @@ def test_end_to_end_llava_json_bad_files_and_cache(ablation_cfg, tmp_path, ray_o
     data = tmp_path / "llava.json"
     data.write_text(json.dumps(recs))
     overrides = [f"dataset.llava_json={data}", f"dataset.image_root={root}", "ray.num_cpus=2", "dataset.files_per_task=2"]
+    overrides.append("pricing.enabled=false")
     first = _run(ablation_cfg(*overrides), tmp_path / "runs" / "a")
 
     assert first["n_images"] == 5

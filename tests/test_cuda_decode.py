@@ -183,3 +183,133 @@ def test_int8_cache_is_not_tuned():
     eng.autotune = fail
     eng.prepare()
     assert not eng._tuned
+
+
+# -- INT4 / INT8 weights in the Triton step (plugins/engines/triton_quant.py) -------------------
+def _quantised_tiny(symmetric: bool, embedding_bits, group: int = 32):
+    from bluelm_v.plugins import llms
+    from bluelm_v.plugins.quantizers.schemes import W4
+
+    torch.manual_seed(0)
+    model = llms.hf_causal(preset="tiny", dtype="float32", device="cpu", tokenizer="byte").model.eval()
+    with torch.no_grad():   # larger than the 0.02 init: logits that really differ
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    W4(["all"], group_size=group, symmetric=symmetric, embedding_bits=embedding_bits).apply(
+        torch.nn.ModuleDict({"llm": model}))
+    return model
+
+
+@pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits, symmetric, group, prologue, epilogue, cfg", [
+    (4, False, 32, 1, 0, GemvConfig(8, 64)),          # RMSNorm prologue, two groups a tile
+    (4, True, 64, 2, 1, GemvConfig(4, 64, 2)),        # SiLU(gate)*up, split-K, atomic add
+    (4, False, 32, 0, 2, GemvConfig(16, 32)),         # argmax epilogue, one group a tile
+    (8, True, 1, 1, 2, GemvConfig(16, 32))],          # the INT8 head
+    ids=["q4-norm", "q4-silu-splitk", "q4-argmax", "q8-head"])
+def test_quantised_gemv_kernels_equal_the_dequantised_matvec(bits, symmetric, group, prologue, epilogue, cfg):
+    from bluelm_v.nn.quant_linear import Int4Linear, Int8Linear
+    from bluelm_v.plugins.engines.triton_quant import QWeight, gemv_quant
+
+    torch.manual_seed(1)
+    n, k = 40, 128
+    lin = torch.nn.Linear(k, n, bias=False)
+    mod = Int4Linear.from_linear(lin, group, symmetric) if bits == 4 else Int8Linear.from_linear(lin)
+    w = mod.dequantize()                                                   # [N,K] fp32
+    x, nw = torch.randn(2 * k), torch.rand(k) + 0.5
+
+    class Eng:                         # what gemv_quant reads of the engine
+        dtype, _part_idx = torch.float32, torch.zeros(n, dtype=torch.int32)
+
+        @staticmethod
+        def _launch_opts(num_warps):
+            return dict(num_warps=num_warps, PDL=False)
+    if prologue == 1:
+        xin = x[:k] * nw / (x[:k].pow(2).mean() + 1e-5).sqrt()
+    elif prologue == 2:
+        xin = torch.nn.functional.silu(x[:k]) * x[k:]
+    else:
+        xin = x[:k]
+    want = w @ xin                                                         # [N]
+    out = torch.zeros(n) if epilogue != 1 else torch.full((n,), 3.0)
+    gemv_quant(Eng, cfg, QWeight.of(mod), x, out, prologue, epilogue, nw, 1e-5)
+    if epilogue == 0:
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    elif epilogue == 1:
+        torch.testing.assert_close(out, want + 3.0, rtol=1e-4, atol=1e-4)
+    else:                              # per block of block_n rows: its max and where
+        blocks = want.split(cfg.block_n)
+        torch.testing.assert_close(out[:len(blocks)], torch.stack([b.max() for b in blocks]), rtol=1e-4, atol=1e-4)
+        assert Eng._part_idx[:len(blocks)].tolist() == [i * cfg.block_n + int(b.argmax()) for i, b in enumerate(blocks)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("symmetric, embedding_bits", [(False, 8), (True, 4)], ids=["asym-int8-head", "sym-int4-head"])
+def test_triton_int4_step_decodes_the_tokens_of_the_dequantised_model(symmetric, embedding_bits):
+    """The whole INT4 step (fused q|k|v and gate|up INT4 GEMVs, quantised head and embedding)
+    against the fast engine's torch step on the same weights dequantised to plain Linears."""
+    import copy
+
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
+    from bluelm_v.plugins.engines.triton_quant import QWeight, dequantized
+    from bluelm_v.plugins.engines.triton_step import TritonDecodeEngine
+
+    model = _quantised_tiny(symmetric, embedding_bits)
+    plain = dequantized(copy.deepcopy(model))
+    assert type(plain.lm_head) is torch.nn.Linear and plain.model.embed_tokens.weight is plain.lm_head.weight
+    emb = plain.get_input_embeddings()(torch.randint(3, 300, (1, 21)))
+    ref = FastLlamaEngine(plain, cuda_graph=False, static_step=False)
+    eng = TritonDecodeEngine(model, cuda_graph=False, debug_logits=True, tune=False, configs={
+        "attn": AttnConfig(8), "qkv": GemvConfig(8, 64), "gu": GemvConfig(4, 64), "o": GemvConfig(8, 32, 2),
+        "down": GemvConfig(8, 32, 2), "lm": GemvConfig(16, 64)})
+    assert eng.triton_ok and isinstance(eng.step_w[0][0][1], QWeight) and eng.step_w[0][0][1].bits == 4
+    assert isinstance(eng.lm_w, QWeight) and eng.lm_w.bits == embedding_bits
+    ref.begin(40)
+    eng.begin(40)
+    tok = int(ref.prefill(emb, 8).argmax())
+    assert int(eng.prefill(emb, 8).argmax()) == tok
+    for _ in range(2):
+        a, b = ref.step(tok), eng.step(tok)
+        torch.testing.assert_close(eng.last_step_logits, ref.last_logits, rtol=1e-4, atol=1e-4)
+        assert a == b
+        tok = a
+
+
+@pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+def test_batched_triton_attention_decodes_the_tokens_of_sdpa():
+    """plugins/engines/batched.py with its Triton decode attention (each row attends only its own
+    keys, split in blocks of 64) against scaled_dot_product_attention over the masked window:
+    rows of different lengths, then a row dropped (its slot compacted away)."""
+    from bluelm_v.plugins import llms
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = llms.hf_causal(preset="tiny", dtype="float32", device=device, tokenizer="byte").model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    embeds = [model.get_input_embeddings()(torch.randint(3, 300, (1, n), device=device)) for n in (70, 9, 33)]
+    runs = []
+    for attention in ("sdpa", "triton"):
+        eng = FastLlamaEngine(model, cuda_graph=False, batch_attention=attention)
+        eng.begin_batch(3, 80)
+        first = eng.prefill_batch(embeds, 64).argmax(-1).tolist()
+        a = eng.steps_batch([0, 1, 2], first, 3)
+        b = eng.steps_batch([0, 2], [a[0][-1], a[2][-1]], 4)            # row 1 done: 2 slots left
+        runs.append((first, a, b))
+        assert eng._batched.triton_attn == (attention == "triton") and eng._batched.bucket == 2
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not _triton_runnable(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+def test_triton_engine_takes_a_w4_model_into_its_int4_step():
+    """engine=triton honours w4 (its quantised GEMVs run the codes) instead of refusing it."""
+    from bluelm_v.plugins.engines import triton_engine
+    from bluelm_v.plugins.engines.triton_quant import QWeight
+
+    eng = triton_engine(_quantised_tiny(False, 8), tune=False)
+    assert eng.triton_ok and all(isinstance(w, QWeight) for w in (eng.step_w[0][0][1], eng.step_w[0][0][5], eng.lm_w))

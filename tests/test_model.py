@@ -208,3 +208,15 @@ def test_forward_rejects_a_placeholder_count_mismatch(model):
                                         {"from": "gpt", "value": "x"}]])
     with pytest.raises(InputError, match="placeholder"):
         model(ids, mask, labels, images=[])
+
+
+@pytest.mark.parametrize("tiler", ["qwen2_vl", "minicpm_v"])
+def test_a_sizes_only_tiler_is_refused_before_any_part_is_built(tiler):
+    """Rules that decide sizes and tokens only (their views are not B x B crops) cannot feed the
+    model: one line naming the tiler, raised before the encoder or the LLM is built."""
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.model import BlueLMV
+
+    cfg = {"tiler": {"name": tiler}, "encoder": {"name": "no_such_encoder"}}   # never reached
+    with pytest.raises(ConfigError, match=f"tiler: '{tiler}' decides sizes and visual tokens only"):
+        BlueLMV.from_config(cfg, get()[1])

@@ -1,10 +1,12 @@
-"""The registries and the plugin manager: register/create/names/describe, errors that help."""
+"""The registries and the plugin manager: register/create/names/describe, errors that help,
+family contracts checked at registration / creation, name clashes, unknown hooks."""
 from __future__ import annotations
 
 import pytest
 
 from bluelm_v import hookimpl
-from bluelm_v.errors import ConfigError, DuplicateComponentError, PluginLoadError, UnknownComponentError
+from bluelm_v.errors import (ConfigError, ContractError, DuplicateComponentError, PluginLoadError,
+                             UnknownComponentError)
 from bluelm_v.plugin_manager import load_plugins
 from bluelm_v.registry import Registries
 
@@ -14,6 +16,20 @@ class Widget:
 
     def __init__(self, size: int = 384, alpha: float = 0.1, mode: str = "first", tag: str | None = None):
         self.size, self.alpha, self.mode, self.tag = size, alpha, mode, tag
+        self.tile_size = size
+
+    # the tiler contract (bluelm_v.types.Tiler), just enough to register
+    def select(self, width, height):
+        return 1, 1
+
+    def select_many(self, widths, heights):
+        return [1] * len(widths), [1] * len(heights)
+
+    def num_crops(self, m, n):
+        return m * n
+
+    def transform(self, image):
+        raise NotImplementedError
 
 
 def make_registry():
@@ -91,11 +107,112 @@ class PluginB:
         registry.tiler.register("same", Widget)
 
 
-def test_duplicate_names_fail_naming_both_providers():
-    with pytest.raises(DuplicateComponentError) as err:
-        load_plugins(autoload=False, extra=[PluginA(), PluginB()])
+def test_clashing_name_loads_lists_both_and_fails_where_used():
+    _, reg, report = load_plugins(autoload=False, extra=[PluginA(), PluginB()])
+    rows = [r for r in reg.rows() if r["name"] == "same"]
+    assert sorted(r["plugin"] for r in rows) == ["plugin_a", "plugin_b"]       # both listed ...
+    assert all(len(r["clash"]) == 1 for r in rows)                            # ... each naming the other
+    assert len(report.clashes) == 1 and "plugin_a" in report.clashes[0] and "plugin_b" in report.clashes[0]
+    for use in (lambda: reg.tiler.create("same"), lambda: reg.validate_node("tiler", {"name": "same"}, "tiler")):
+        with pytest.raises(DuplicateComponentError) as err:
+            use()
+        msg = str(err.value)
+        assert msg.startswith("tiler: tiler 'same' is registered 2 times") and "plugin_a" in msg and "plugin_b" in msg
+    assert reg.tiler.create("relaxed").tile_size == 384                        # other names still work
+
+
+def test_clashing_name_is_fatal_at_load_under_strict():
+    with pytest.raises(DuplicateComponentError, match="'same' is registered 2 times: by .*plugin_[ab].* and by .*plugin_[ab]"):
+        load_plugins(autoload=False, strict=True, extra=[PluginA(), PluginB()])
+
+
+class NoCrops:
+    """a tiler without num_crops or transform"""
+
+    tile_size = 384
+
+    def select(self, width, height):
+        return 1, 1
+
+    def select_many(self, widths, heights):
+        return [1] * len(widths), [1] * len(heights)
+
+
+class PluginBadShape:
+    __name__ = "plugin_bad_shape"
+
+    @hookimpl
+    def bluelm_v_register(self, registry):
+        registry.tiler.register("nocrops", NoCrops)
+
+
+def test_class_without_contract_methods_fails_at_registration_naming_plugin_and_methods():
+    with pytest.raises(ContractError) as err:
+        load_plugins(autoload=False, extra=[PluginBadShape()])
     msg = str(err.value)
-    assert "plugin_a" in msg and "plugin_b" in msg and "'same'" in msg
+    assert "tiler 'nocrops' (NoCrops, plugin 'plugin_bad_shape'" in msg and "bluelm_v.types.Tiler" in msg
+    assert "missing num_crops()" in msg and "missing transform()" in msg and "select" not in msg.split(":")[-1]
+    assert "plugins.block=[plugin_bad_shape]" in msg
+    assert "\n" not in msg
+
+
+def test_function_factory_is_checked_on_the_object_it_creates():
+    reg = Registries()
+    reg.tiler.register("made_by_function", lambda tile_size=384: NoCrops())
+    reg.tiler.validate("made_by_function", {})            # the signature is all validation can see
+    with pytest.raises(ContractError, match="tiler 'made_by_function' .*missing num_crops\\(\\), missing transform"):
+        reg.tiler.create("made_by_function")
+
+
+def test_optional_members_may_be_left_out_but_call_shapes_are_checked():
+    reg = Registries()
+    reg.tiler.register("widget", Widget)                  # no degenerate_many / tokens: optional
+
+    class Encoder:
+        hidden_size, num_tokens, image_size = 8, 4, 28
+
+        def forward(self, pixels):                        # the model passes tiles_per_batch=, pipelined=
+            return pixels
+
+    reg.encoder.register("narrow", lambda: Encoder())
+    with pytest.raises(ContractError, match="forward\\(\\) does not accept keyword tiles_per_batch="):
+        reg.encoder.create("narrow")
+
+    class Backend:
+        def load(self, cfg):                              # the worker calls load(cfg, registry)
+            return {}
+
+        def run_case(self, case):
+            return {}
+
+    with pytest.raises(ContractError, match="load\\(\\) takes fewer than the 2 positional arguments"):
+        reg.backend.register("old_backend", Backend)
+
+
+class PluginMisspelledHook:
+    __name__ = "plugin_typo"
+
+    @hookimpl
+    def bluelm_v_regster(self, registry):                 # sic
+        registry.tiler.register("never", Widget)
+
+
+class PluginOptionalHook:
+    __name__ = "plugin_future"
+
+    @hookimpl(optionalhook=True)
+    def bluelm_v_from_the_future(self):
+        pass
+
+
+def test_unknown_hook_fails_naming_plugin_and_hook_unless_optional():
+    with pytest.raises(PluginLoadError) as err:
+        load_plugins(autoload=False, extra=[PluginMisspelledHook()])
+    msg = str(err.value)
+    assert "plugin 'plugin_typo'" in msg and "unknown hook 'bluelm_v_regster'" in msg
+    assert "did you mean 'bluelm_v_register'?" in msg
+    _, reg, _ = load_plugins(autoload=False, extra=[PluginOptionalHook()])
+    assert "relaxed" in reg.tiler
 
 
 def test_block_skips_a_plugin():
@@ -128,3 +245,12 @@ def test_strict_mode_makes_import_failure_fatal(monkeypatch):
     assert len(reg.tiler) >= 1
     with pytest.raises(PluginLoadError, match="badplug"):
         load_plugins(autoload=True, strict=True)
+
+
+def test_engine_factories_survive_their_modules_being_imported():
+    import bluelm_v.plugins.engines.fast  # noqa: F401 -- makes `fast` a package attribute
+    import bluelm_v.plugins.engines.hf  # noqa: F401
+
+    _, reg, _ = load_plugins(autoload=False)
+    for name in reg.engine.names():
+        assert callable(reg.engine.entry(name).factory) and reg.engine.describe(name)["parameters"]["model"]

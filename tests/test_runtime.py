@@ -191,3 +191,130 @@ def test_decode_in_chunks_gives_the_tokens_of_one_at_a_time(model, image, monkey
     # an end token inside a chunk ends the answer there; the chunk's later tokens are dropped
     (ids_e, _, why_e), _ = run(4, stop_at=ids1[2])
     assert why_e == "eos" and ids_e == ids1[:ids1.index(ids1[2])]
+
+
+# -- batched generation ---------------------------------------------------------------------
+def _batch_inputs(image):
+    """Prompts of different lengths, each with its own images (PIL, crops tensors, none)."""
+    square = Image.new("RGB", (300, 300), (200, 10, 10))                  # 2 crops
+    crops = torch.randn(1, 3, 384, 384)                                   # 1 crop as a tensor
+    prompts = ["<image>\nWhat is it?", "Tell me a story about a cat", "<image> vs <image>?",
+               "<image>\nDescribe the picture in a few words.", "<image> and"]
+    return prompts, [[image], [], [image, square], [crops], [square]]
+
+
+def _one_by_one(gen, prompts, images, n):
+    return [gen.generate(p, ims, max_new_tokens=n) for p, ims in zip(prompts, images)]
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_generate_batch_gives_the_tokens_of_one_by_one_generate(model, image, engine):
+    prompts, images = _batch_inputs(image)
+    gen = Generator(model, engine=engine, prefill_chunk=64)
+    ref = _one_by_one(gen, prompts, images, 9)
+    # 2 batches (sorted by length), prefill forwards of 300 tokens: long rows cut in pieces
+    got = gen.generate_batch(prompts, images, max_new_tokens=9, batch_size=3, prefill_chunk=300)
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert [(r.text, r.prompt_tokens, r.crops, r.grids, r.finish_reason) for r in got] == \
+        [(r.text, r.prompt_tokens, r.crops, r.grids, r.finish_reason) for r in ref]
+    assert len({tuple(r.token_ids) for r in got}) == len(prompts)        # really different rows
+    assert sorted({r.timings["batch_index"] for r in got}) == [0, 1]
+    assert {r.timings["batch_size"] for r in got} == {2, 3}
+
+
+def test_rows_that_end_early_leave_the_batch(model, image, monkeypatch):
+    """An end token mid-batch ends that row there (as one by one) and the rows left decode
+    without it: the fast engine's step runs on a smaller bucket of cache slots."""
+    from bluelm_v.plugins.engines.batched import BatchedLlama
+
+    prompts, images = _batch_inputs(image)
+    gen = Generator(model, engine="fast")
+    free = _one_by_one(gen, prompts, images, 10)
+    gen.eos = {free[0].token_ids[2], free[2].token_ids[1], free[4].token_ids[3]}
+    ref = _one_by_one(gen, prompts, images, 10)
+    stops = [r.finish_reason for r in ref]
+    assert stops.count("eos") >= 3 and "length" in stops
+    widths = []
+    step = BatchedLlama._step
+    monkeypatch.setattr(BatchedLlama, "_step", lambda self, b, kv: (widths.append(b), step(self, b, kv))[1])
+    got = gen.generate_batch(prompts, images, max_new_tokens=10)
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in ref]
+    assert widths[0] == 5 and widths[-1] <= 2                            # 5 slots, then 2 or 1
+    assert gen.engine.batch_cache_bytes > 0
+    gen.engine.end_batch()                                               # the batched cache is freed
+    assert gen.engine.batch_cache_bytes == 0
+
+
+def test_generate_batch_streams_each_row_and_falls_back_one_by_one(model, image):
+    prompts, images = _batch_inputs(image)
+    pieces: dict[int, str] = {}
+    gen = Generator(model)
+    got = gen.generate_batch(prompts, images, max_new_tokens=6,
+                             stream=lambda i, p: pieces.__setitem__(i, pieces.get(i, "") + p))
+    assert [pieces.get(i, "") for i in range(len(prompts))] == [r.text for r in got]
+
+    class NoBatchAPI:                      # an engine with only the batch-1 API
+        def __init__(self, eng):
+            self._eng = eng
+
+        def __getattr__(self, name):
+            if "batch" in name:
+                raise AttributeError(name)
+            return getattr(self._eng, name)
+    one = Generator(model, engine=NoBatchAPI(gen.engine))
+    assert [r.token_ids for r in one.generate_batch(prompts, images, max_new_tokens=6)] == \
+        [r.token_ids for r in got]
+
+
+def test_generate_batch_checks_every_input_before_any_work(model, image, tmp_path, monkeypatch):
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
+
+    gen = Generator(model)
+    monkeypatch.setattr(FastLlamaEngine, "begin_batch", lambda *a: pytest.fail("work started"))
+    with pytest.raises(InputError, match="one list of images per prompt"):
+        gen.generate_batch(["<image>", "x"], [[image]])
+    with pytest.raises(InputError, match="prompts: a list of prompts"):
+        gen.generate_batch("<image>", [[image]])
+    with pytest.raises(InputError, match=r"images\[1\]\[0\]: .*missing.png' does not exist"):
+        gen.generate_batch(["<image>", "<image>"], [[image], [str(tmp_path / "missing.png")]])
+    with pytest.raises(InputError, match=r"prompts\[1\]: has 0 <image>"):
+        gen.generate_batch(["<image>", "no placeholder"], [[image], [image]])
+    short = Generator(_build(llm={**TINY["llm"], "max_context": 700}))
+    monkeypatch.setattr(FastLlamaEngine, "begin_batch", lambda *a: pytest.fail("work started"))
+    with pytest.raises(InputError, match=r"prompts\[1\]: 1\d\d\d tokens .* context of 700"):
+        short.generate_batch(["<image>", "<image><image>"], [[image], [image, image]])
+    with pytest.raises(InputError, match="batch_size"):
+        gen.generate_batch(["x"], [[]], batch_size=0)
+
+
+def test_pack_rows_fills_forwards_with_whole_rows_and_cuts_long_ones():
+    from bluelm_v.plugins.engines.batched import bucket_size, pack_rows
+
+    assert pack_rows([3, 4, 2], 8) == [[(0, 0, 3), (1, 0, 4)], [(2, 0, 2)]]
+    assert pack_rows([10, 2], 4) == [[(0, 0, 4)], [(0, 4, 4)], [(0, 8, 2), (1, 0, 2)]]
+    assert [bucket_size(n, 6) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_batched_cuda_graph_steps_give_the_tokens_of_eager_steps(image):
+    from bluelm_v.plugins.engines.fast import FastLlamaEngine
+
+    model = _build().to("cuda")
+    prompts, images = _batch_inputs(image)
+    runs = []
+    for graph in (False, True):
+        gen = Generator(model, engine=FastLlamaEngine(model.llm.model, cuda_graph=graph))
+        gen.eos = {999}                                  # never made: every row decodes 9 tokens
+        runs.append([r.token_ids for r in gen.generate_batch(prompts, images, max_new_tokens=9)])
+        assert (gen.engine._batched._graphs != {}) == graph
+    assert runs[0] == runs[1]
+
+
+def test_generate_batch_releases_the_encoder_after_the_last_batch(image):
+    prompts, images = _batch_inputs(image)
+    model = _build(seed=2)
+    want = [r.token_ids for r in Generator(model).generate_batch(prompts, images, max_new_tokens=4)]
+    gen = Generator(model, release_encoder=True)
+    got = gen.generate_batch(prompts, images, max_new_tokens=4, batch_size=2)    # 3 batches
+    assert [r.token_ids for r in got] == want and gen.encoder_released
+    assert sum(p.numel() for p in model.encoder.parameters()) == 0

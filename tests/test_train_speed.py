@@ -1,11 +1,15 @@
-"""Training step speed options (jobs/train/speed.py): the chunked LM-head + cross-entropy
+"""Training step speed options (jobs/train/speed.py, loss.py): the chunked LM-head + cross-entropy
 gives transformers' loss and the same gradients on the tiny model (padded batch, mask dropped),
 its compile-ready formulation computes the same function, and the config keys are validated."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bluelm_v.chat import IMAGE_TOKEN_ID
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_model():
@@ -48,7 +52,7 @@ def _loss_and_grads(step, batch):
 def test_chunked_loss_matches_transformers_loss_and_grads_on_padded_batch():
     import torch
 
-    from bluelm_v.jobs.train.speed import train_step_module
+    from bluelm_v.jobs.train.step import train_step_module
 
     model = _tiny_model()
     batch = _padded_batch(torch.Generator().manual_seed(1))
@@ -68,7 +72,7 @@ def test_chunked_loss_matches_transformers_loss_and_grads_on_padded_batch():
 def test_fused_chunk_formulation_equals_eager_one():
     import torch
 
-    from bluelm_v.jobs.train.speed import ce_chunk_eager, ce_chunk_fused
+    from bluelm_v.jobs.train.loss import ce_chunk_eager, ce_chunk_fused
 
     gen = torch.Generator().manual_seed(2)
     h, w = torch.randn(9, 16, generator=gen), torch.randn(50, 16, generator=gen)
@@ -88,20 +92,20 @@ def test_compiled_loss_path_pads_chunks_and_keeps_loss_and_grads(monkeypatch):
     # stands in for its torch.compile'd form (same maths, no compiler needed here).
     import torch
 
-    from bluelm_v.jobs.train import speed
+    from bluelm_v.jobs.train import loss
 
-    monkeypatch.setitem(speed._COMPILED_CHUNK, "fn", speed.ce_chunk_fused)
+    monkeypatch.setitem(loss._COMPILED_CHUNK, "fn", loss.ce_chunk_fused)
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(300, 16, generator=gen, requires_grad=True)                 # [N, D]
     w = torch.randn(50, 16, generator=gen, requires_grad=True)                  # [V, D]
     y = torch.randint(0, 50, (300,), generator=gen)
     y[::7] = -100
-    loss = speed.chunked_linear_ce(h, w, y, chunk=100, compiled=True)          # chunks of 100 -> padded to 128
-    loss.backward()
+    out = loss.chunked_linear_ce(h, w, y, chunk=100, compiled=True)           # chunks of 100 -> padded to 128
+    out.backward()
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = torch.nn.functional.cross_entropy(h2 @ w2.t(), y, ignore_index=-100)
     ref.backward()
-    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert float(out.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
 
@@ -168,7 +172,7 @@ def test_chunked_loss_with_frozen_llm_trains_only_the_projector_like_the_plain_l
     import torch
 
     from bluelm_v.jobs.train.optim import freeze_except
-    from bluelm_v.jobs.train.speed import train_step_module
+    from bluelm_v.jobs.train.step import train_step_module
 
     model = _tiny_model()
     freeze_except(model, ["projector"])                                  # stage 1: the head is frozen
@@ -179,3 +183,67 @@ def test_chunked_loss_with_frozen_llm_trains_only_the_projector_like_the_plain_l
     assert grads.keys() == ref_grads.keys() and all(n.startswith("model.projector.") for n in grads)
     for name, g in grads.items():
         assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_bench_defaults_are_the_train_jobs_settings(compose):
+    # bench/bench_train_gpu.py reads its defaults from the YAML files without Hydra; they must be
+    # what the job composes under +experiment=train, key for key.
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_train_gpu
+
+    d = bench_train_gpu.job_defaults()
+    t = compose(["+experiment=train"]).train
+    cfg = compose(["+experiment=train"])
+    expect = {"compile": t.compile, "cmode": t.compile_mode, "ce": t.loss_chunk_tokens, "attn": t.sdpa_backend,
+              "fused": t.fused_projections, "doc_attn": t.attention, "ckpt": t.activation_checkpointing,
+              "encoder_tiles": t.encoder_tiles_per_batch, "pack": t.stage2.packing if t.packing is None else t.packing,
+              "max_seq": t.max_seq, "longest_first": t.pack_longest_first, "group": t.data.group_by_length,
+              "max_length": t.data.max_length, "micro_batch": t.stage2.micro_batch, "accum": t.stage2.grad_accum,
+              "torch_adam": t.optim.torch_adam}
+    assert {k: d[k] for k in expect} == expect
+    assert d["tiler"] == {k: v for k, v in cfg.tiler.items()}
+    assert bench_train_gpu.ds_config is not None and d["ds"] == "zero2" and cfg.deepspeed.zero_optimization.stage == 2
+    args = bench_train_gpu.parse_args([])
+    assert (args.compile, args.ce, args.fused, args.pack, args.max_seq, args.micro_batch) == (
+        d["compile"], d["ce"], d["fused"], d["pack"], d["max_seq"], d["micro_batch"])
+
+
+def test_a_workers_config_error_is_found_inside_rays_wrapping():
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.jobs.train import config_error_in
+
+    class RayLike(Exception):                 # Ray's task error: the original on .cause, a traceback as text
+        def __init__(self, cause):
+            super().__init__("Traceback (most recent call last):\n  ...\nConfigError: " + str(cause))
+            self.cause = cause
+
+    original = ConfigError("train.stage2: the training decoder ... cannot run this LLM: no rotary")
+    try:
+        try:
+            raise RayLike(original)
+        except RayLike as inner:
+            raise RuntimeError("Training failed") from inner
+    except RuntimeError as exc:
+        wrapped = exc
+    assert config_error_in(wrapped) == str(original)
+    as_instance = type("RayTaskError(ConfigError)", (RayLike, ConfigError), {})(original)
+    try:
+        raise RuntimeError("Training failed") from as_instance
+    except RuntimeError as exc:
+        assert config_error_in(exc) == str(original)
+    assert config_error_in(RuntimeError("other")) is None
+
+
+@pytest.mark.parametrize("override, key", [("train.attention=fast", "train.attention"),
+                                           ("train.attention=varlen", "train.attention"),
+                                           ("train.max_seq=128", "train.data.max_length")])
+def test_bad_packing_options_are_config_errors(compose, override, key):
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.jobs.train import validate
+    from bluelm_v.plugin_manager import get
+
+    cfg = compose(["+experiment=train_tiny", override])     # CPU workers: varlen cannot run
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg, get()[1])

@@ -1,6 +1,8 @@
 """Image sizes from file headers (no pixel decode), in parallel Ray tasks, with a cache.
 
     read_image_size("a.jpg")                        -> (640, 480, "ok")
+    open_image("a.jpg", "image")                    -> a lazy PIL image, or InputError when the image
+                                                       has more pixels than images.max_pixels
     scan_image_sizes(root, ["a.jpg", "b.png"])      -> [(w, h, reason), ...]   one process
     scan_parallel(root, paths)                      -> DataFrame image,width,height,reason
     cached_scan(root, paths, cache_dir)             -> (DataFrame, info)  scans only what is new
@@ -18,6 +20,11 @@ header read only. Reasons other than ``ok`` (the sample is skipped and counted):
                    data after the end marker, e.g. motion photos, decode fine and count as ok;
                    images above PIL's pixel limit are not decoded and count as truncated)
     bad_size       the header says width or height <= 0
+
+Images that are decoded (the runtime, the training data) are opened with :func:`open_image`: one
+above ``images.max_pixels`` (conf/config.yaml; the launcher exports it as
+BLUELM_V_MAX_IMAGE_PIXELS to the job and its Ray workers) is refused with one line naming its
+size and the limit, before any pixel is decoded.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import warnings
 from pathlib import Path
 
 PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as shipped
+PIXELS_ENV = "BLUELM_V_MAX_IMAGE_PIXELS"  # images.max_pixels ("none": no limit)
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
               (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
@@ -51,6 +59,38 @@ def _decodes(fh) -> bool:
         return True
     except Exception:  # noqa: BLE001 -- any decode failure means the data is incomplete
         return False
+
+
+def max_image_pixels() -> int | None:
+    """The images.max_pixels setting in effect (PIL's default outside a launched job)."""
+    value = os.environ.get(PIXELS_ENV, "").strip().lower()
+    if value in ("none", "null"):
+        return None
+    return int(value) if value.isdigit() and int(value) > 0 else PIL_DEFAULT_MAX_PIXELS
+
+
+def open_image(path, name: str = "image"):
+    """``PIL.Image.open`` (lazy: the header only) of an image at most images.max_pixels large;
+    a larger one -> InputError naming the input, its size and the limit."""
+    from PIL import Image
+
+    from ..errors import InputError
+
+    limit = max_image_pixels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        limit_before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is checked below
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit_before
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        img.close()
+        raise InputError(f"{name}: {str(path)!r} is {width}x{height} = {width * height:,} pixels, above the "
+                         f"limit of {limit:,} (images.max_pixels; a decompression-bomb guard): "
+                         "refused before decoding. Raise images.max_pixels to accept it")
+    return img
 
 
 def read_image_size(path, check_end: bool = True) -> tuple[int, int, str]:

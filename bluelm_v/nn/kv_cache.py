@@ -7,7 +7,8 @@ deployment process (bluelm_v.nn.llama) never loads transformers.
     cache.k[layer]  # KVCache: [kv_heads, max_len, head_dim]; positions >= cache.length are stale
 
 ``KVCache`` stores keys/values in the model dtype; ``Int8StaticKVCache`` stores int8 codes with
-one fp16 scale per (head, token). ``allocate_static`` picks the one the model is marked for
+one fp16 scale per (head, token); ``BatchedKVCache`` holds several sequences (slots) for batched
+decoding (plugins/engines/batched.py). ``allocate_static`` picks the one the model is marked for
 (``kv_cache_kind``: the ``kv8`` quantizer sets ``KV_CACHE_ATTR``). The transformers ``Cache``
 with the same storage is bluelm_v.nn.kv_cache_hf.Int8KVCache.
 """
@@ -114,6 +115,17 @@ class Int8StaticKVCache:
         return keys[None], values[None]
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes of a cache's keys and values: its own ``nbytes`` (property or method) where it has
+    one, else a transformers cache's per-layer ``keys`` / ``values``."""
+    nbytes = getattr(cache, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes() if callable(nbytes) else nbytes)
+    layers = getattr(cache, "layers", None) or []
+    return sum(t.numel() * t.element_size() for l in layers
+               for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
+
+
 KV_CACHE_ATTR = "bluelm_v_kv_cache"   # set to "int8" on an LLM by the kv8 quantizer
 
 
@@ -136,3 +148,38 @@ def allocate_static(hf_model, layers: int, kv_heads: int, head_dim: int, max_len
     if kv_cache_kind(hf_model) == "int8":
         return Int8StaticKVCache.allocate(layers, kv_heads, head_dim, max_len, dtype, device)
     return KVCache.allocate(layers, kv_heads, head_dim, max_len, dtype, device)
+
+
+@dataclass
+class BatchedKVCache:
+    """Static cache of several sequences (slots), for batched decoding: slot b of layer i is
+    ``k[i, b]`` [kv_heads, max_len, head_dim], the batch-1 layout. Zero-filled at allocation so
+    masked positions hold finite values (an additive -inf mask times a stale NaN would be NaN)."""
+
+    k: torch.Tensor          # [layers, slots, kv_heads, max_len, head_dim]
+    v: torch.Tensor          # [layers, slots, kv_heads, max_len, head_dim]
+
+    @classmethod
+    def allocate(cls, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "BatchedKVCache":
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions (every layer) into slot ``dst``."""
+        if src != dst:
+            self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+            self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])

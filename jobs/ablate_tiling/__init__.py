@@ -1,38 +1,49 @@
-"""Tiling ablation: every tiler's grid for every sample, the reference (relaxed) against each.
+"""Tiling ablation: any set of tiling rules over any image sizes, in visual tokens, resolution kept and phone seconds.
 
     python -m bluelm_v.launch +experiment=ablate_tiling          # embedded COCO train2017 sizes (make run)
+    python -m bluelm_v.launch +experiment=ablate_tiling tiler.alpha=0.2          # the relaxed tiler's alpha
     python -m bluelm_v.launch +experiment=ablate_tiling dataset.manifest=sizes.csv
     python -m bluelm_v.launch +experiment=ablate_tiling dataset.llava_json=llava_v1_5_mix665k.json \\
         dataset.image_root=playground/data
-    python -m bluelm_v.launch +experiment=ablate_tiling 'ablation.tilers=[relaxed,llava_next,internvl,single]'
-    python -m bluelm_v.launch +experiment=ablate_tiling 'ablation.overrides={relaxed: {alpha: 0.2}}'
+    python -m bluelm_v.launch +experiment=ablate_tiling 'ablation.tilers=[relaxed,qwen2_vl,minicpm_v,llava_onevision]'
+    python -m bluelm_v.launch +experiment=ablate_tiling ablation.tilers=all       # every rule and preset
+    python -m bluelm_v.launch +experiment=ablate_tiling 'ablation.overrides={internvl_448: {max_tiles: 6}}'
 
 Inputs (docs/design.md §2.4): a size manifest (CSV with width,height; default: the real sizes of the
 118,287 COCO train2017 images shipped in bluelm_v/data) or a LLaVA-format JSON whose image
-sizes are read from file headers in parallel Ray tasks and cached (bluelm_v.data).
+sizes are read from file headers in parallel Ray tasks and cached (bluelm_v.data). Every row
+that cannot be used is listed in skipped.csv with its reason; when every row is skipped the
+job ends with status "failed" and says why.
 
-Tiler parameters: for each name in ``ablation.tilers``, conf/tiler/NAME.yaml when the package
-has one (the paper's ablation setting: grids up to 3x3, InternVL 1..9 tiles), else the
-factory's defaults; ``ablation.overrides.NAME`` goes on top. The top-level ``tiler`` node is
-the model's tiler and plays no part here.
+Tilers (``ablation.tilers``, labels): a preset (conf/tiler/LABEL.yaml, e.g. ``llava_next_v16``,
+``internvl_448``) or a registered tiler name (its factory's defaults), or ``all``. The top-level
+``tiler`` node applies to the ablation's tiler of the same name (``tiler.alpha=0.2`` sets the
+relaxed tiler's alpha); a ``tiler.*`` setting that matches no compared tiler is an error.
+``ablation.overrides.LABEL`` goes on top of both. Sizes a rule's reference rejects are skipped
+for that rule only, with the reason, and counted per tiler.
 
 Work: the distinct (width, height) sizes are split into shards of ``ablation.shard_size``; one
-Ray task per shard runs every tiler's vectorised ``select_many``; answers are broadcast back to
-the samples (per-sample counting: a size used by k samples counts k times).
+Ray task per shard runs every tiler's vectorised ``decide_many``; answers are broadcast back to
+the samples (per-sample counting: a size used by k samples counts k times). With
+``pricing.enabled`` every decision is priced in encode + prefill seconds on ``pricing.backend``
+(the simulated Dimensity 9300 by default; docs/design.md §5.10).
 
-Outputs in the run directory: decisions.parquet (width, height, T_m, T_n, T_crops, T_tokens per
-tiler T, + the input's extra columns), skipped.csv (row, reason, ...), report.md + PNG plots,
-and summary.json (what run() returns: counts, per-tiler statistics, REF_vs_T comparisons).
+Outputs in the run directory: decisions.parquet (width, height, L_tokens for every tiler L,
+L_m, L_n, L_crops where the rule has a grid, L_skip, L_encode_s / L_prefill_s when priced, + the
+input's extra columns), skipped.csv (row, reason, detail, ...), report.md + PNG plots, and
+summary.json (what run() returns: counts, per-tiler statistics, REF_vs_L comparisons).
 """
 from __future__ import annotations
 
 import time
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
 from bluelm_v.errors import ConfigError
+
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): `tiler`
+# applies to the compared tiler of the same name (tiler.alpha=0.2 sets relaxed's alpha).
+USES = ("tiler",)
 
 DECISION_EXTRA_COLUMNS = ("row", "line", "id", "image", "source")
 
@@ -45,31 +56,45 @@ def _plain(node):
     return node
 
 
-def tiler_params(cfg, name: str) -> tuple[dict, str]:
-    """(parameters, where they came from) for one tiler of the ablation."""
-    import yaml
+def labels(cfg, registry) -> list[str]:
+    from bluelm_v.plugins.tilers.zoo import all_labels
 
-    params, origin = {}, "factory defaults"
-    conf = resources.files("bluelm_v.conf") / "tiler" / f"{name}.yaml"
-    if conf.is_file():
-        data = yaml.safe_load(conf.read_text()) or {}
-        if data.get("name", name) == name:
-            params, origin = {k: v for k, v in data.items() if k != "name"}, f"conf/tiler/{name}.yaml"
-    extra = (_plain(cfg.ablation.get("overrides")) or {}).get(name)
+    value = _plain(cfg.ablation.get("tilers"))
+    return all_labels(registry) if value == "all" else list(value or [])
+
+
+def tiler_params(cfg, registry, label: str, path: str = "ablation.tilers") -> tuple[str, dict, str]:
+    """(registered name, parameters, where they came from) for one tiler of the ablation."""
+    from bluelm_v.plugins.tilers.zoo import resolve_label
+
+    name, params, origin = resolve_label(label, registry, path)
+    top = _plain(cfg.get("tiler"))
+    if isinstance(top, dict) and top.get("name") == label == name:
+        params = {k: v for k, v in top.items() if k != "name"}
+        origin = "tiler (the top-level node)"
+    extra = (_plain(cfg.ablation.get("overrides")) or {}).get(label)
     if extra:
-        params.update(extra)
-        origin += f" + ablation.overrides.{name}"
-    return params, origin
+        params = {**params, **extra}
+        origin += f" + ablation.overrides.{label}"
+    return name, params, origin
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def validate(cfg, registry) -> None:
+    from bluelm_v.plugins.tilers.pricing import validate_pricing
+    from bluelm_v.plugins.tilers.zoo import changed_settings
+
     ab, ds = cfg.get("ablation"), cfg.get("dataset")
     if ab is None or ds is None:
         raise ConfigError("ablation: the ablate_tiling job needs the `ablation` and `dataset` nodes "
                           "(conf/job/ablate_tiling.yaml)")
-    names = list(_plain(ab.get("tilers")) or [])
-    if not names or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"ablation.tilers: a non-empty list of tiler names, got {names!r}")
+    raw = _plain(ab.get("tilers"))
+    if raw != "all" and (not isinstance(raw, list) or not raw or not all(isinstance(n, str) for n in raw)):
+        raise ConfigError(f"ablation.tilers: a non-empty list of tiler names / presets, or 'all'; got {raw!r}")
+    names = labels(cfg, registry)
     if len(set(names)) != len(names):
         raise ConfigError(f"ablation.tilers: names must be unique, got {names}")
     overrides = _plain(ab.get("overrides")) or {}
@@ -78,181 +103,107 @@ def validate(cfg, registry) -> None:
     stray = sorted(set(overrides) - set(names))
     if stray:
         raise ConfigError(f"ablation.overrides.{stray[0]}: not one of ablation.tilers {names}")
-    for i, name in enumerate(names):
-        registry.tiler.entry(name, f"ablation.tilers[{i}]")  # unknown name: lists the registered ones
-        params, _ = tiler_params(cfg, name)
-        registry.tiler.validate(name, params, f"ablation.overrides.{name}" if name in overrides else f"ablation.tilers[{i}]")
+    for i, label in enumerate(names):
+        name, params, origin = tiler_params(cfg, registry, label, f"ablation.tilers[{i}]")
+        where = f"ablation.overrides.{label}" if label in overrides else ("tiler" if origin.startswith("tiler")
+                                                                          else f"ablation.tilers[{i}]")
+        registry.tiler.validate(name, params, where)
+    top = cfg.get("tiler")
+    if top is not None and registry.split_node(top, "tiler")[0] not in names:
+        changed = changed_settings(top, registry)
+        if changed:
+            key, value = next(iter(changed.items()))
+            raise ConfigError(f"tiler.{key}={value}: the ablate_tiling job compares ablation.tilers {names}, and none "
+                              f"is tiler '{registry.split_node(top, 'tiler')[0]}'; add it to ablation.tilers or "
+                              f"set ablation.overrides.LABEL.{key}")
     if ab.get("reference") not in names:
         raise ConfigError(f"ablation.reference: {ab.get('reference')!r} is not one of ablation.tilers {names}")
     for key in ("shard_size", "tokens_per_crop", "map_points"):
-        value = ab.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"ablation.{key}: a positive integer, got {value!r}")
-    if ds.get("manifest") and ds.get("llava_json"):
-        raise ConfigError("dataset: set dataset.manifest or dataset.llava_json, not both")
-    if ds.get("manifest"):
-        if not Path(ds.manifest).is_file():
-            raise ConfigError(f"dataset.manifest: no such file: {ds.manifest}")
-        _read_manifest(ds.manifest)  # a malformed manifest fails here, before Ray starts
-    if ds.get("llava_json"):
-        if not Path(ds.llava_json).is_file():
-            raise ConfigError(f"dataset.llava_json: no such file: {ds.llava_json}")
-        if not ds.get("image_root") or not Path(ds.image_root).is_dir():
-            raise ConfigError(f"dataset.image_root: the folder the JSON's image paths are relative to; "
-                              f"got {ds.get('image_root')!r}, which is not a directory")
-    if not isinstance(ds.get("files_per_task", 1000), int) or ds.get("files_per_task", 1000) < 1:
-        raise ConfigError(f"dataset.files_per_task: a positive integer, got {ds.get('files_per_task')!r}")
+        if not _positive_int(ab.get(key)):
+            raise ConfigError(f"ablation.{key}: a positive integer, got {ab.get(key)!r}")
+    budgets = _plain(ab.get("token_budgets", [1024, 2048, 4096]))
+    if not isinstance(budgets, list) or not all(_positive_int(b) for b in budgets):
+        raise ConfigError(f"ablation.token_budgets: a list of positive integers, got {budgets!r}")
+    validate_pricing(cfg.get("pricing"), registry)
+    from bluelm_v.data.manifest import validate_dataset
+
+    validate_dataset(ds)
 
 
-# -- inputs ----------------------------------------------------------------------------------
-_PARSED: dict = {}
-
-
-def _read_manifest(path):
-    """read_size_manifest, parsed once per (path, mtime) in this process (validate, then run)."""
-    from bluelm_v.data.manifest import read_size_manifest
-
-    if path is None:
-        return read_size_manifest(None)
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
-    if key not in _PARSED:
-        _PARSED.clear()
-        _PARSED[key] = read_size_manifest(path)
-    return _PARSED[key].copy()
-
-
-def load_samples(ctx):
-    """(samples with width/height, skipped rows with a reason, dataset info)."""
-    import pandas as pd
-
-    from bluelm_v.data import manifest as mf
-
-    ds = ctx.cfg.dataset
-    if ds.get("llava_json"):
-        from bluelm_v.data.llava_sizes import llava_samples
-
-        cache_dir = Path(ds.cache_dir) if ds.get("cache_dir") else ctx.run_dir.resolve().parent / "size_cache"
-        samples, skipped, info = llava_samples(
-            ds.llava_json, ds.image_root, cache_dir, rescan=bool(ds.get("rescan", False)),
-            files_per_task=int(ds.get("files_per_task", 1000)), check_end=bool(ds.get("check_end", True)),
-            progress=ctx.progress)
-        info = {"kind": "llava_json", "path": str(ds.llava_json), "image_root": str(ds.image_root),
-                "row_means": "record index (.json) or line (.jsonl)", **info}
-    else:
-        table = _read_manifest(ds.get("manifest"))
-        embedded = not ds.get("manifest")
-        info = {"kind": "embedded_coco2017_train" if embedded else "manifest",
-                "path": mf.COCO_TRAIN2017_FILE if embedded else str(ds.manifest),
-                "row_means": "line of the manifest file (header = line 1)"}
-        samples, skipped = mf.split_bad_sizes(table.rename(columns={"line": "row"}))
-    good, bad = mf.split_bad_sizes(samples)
-    skipped = pd.concat([skipped, bad], ignore_index=True)
-    info["n_input_rows"] = int(len(good) + len(skipped))
-    return good, skipped, info
-
-
-# -- the Ray work ----------------------------------------------------------------------------
-def decide_sizes(tilers: dict, widths: np.ndarray, heights: np.ndarray) -> dict:
-    """Every tiler's grid, crop count and degenerate flag for arrays of sizes (one shard)."""
-    t0 = time.process_time()
-    out = {}
-    for name, tiler in tilers.items():
-        if hasattr(tiler, "select_many"):
-            m, n = tiler.select_many(widths, heights)
-        else:  # a minimal third-party tiler: the scalar rule per size
-            pairs = [tiler.select(int(a), int(b)) for a, b in zip(widths, heights)]
-            m, n = [p[0] for p in pairs], [p[1] for p in pairs]
-        m, n = np.asarray(m, np.int64), np.asarray(n, np.int64)
-        try:
-            crops = np.broadcast_to(np.asarray(tiler.num_crops(m, n), np.int64), m.shape)
-        except (TypeError, ValueError):
-            crops = np.array([tiler.num_crops(int(a), int(b)) for a, b in zip(m, n)], np.int64)
-        degenerate = getattr(tiler, "degenerate_many", None)
-        out[name] = {"m": m, "n": n, "crops": crops.copy(),
-                     "degenerate": degenerate(widths, heights) if degenerate else np.zeros(len(m), bool)}
-    out["_cpu_s"] = time.process_time() - t0
-    return out
-
-
-def decide(ctx, tilers: dict, widths: np.ndarray, heights: np.ndarray, shard_size: int):
-    """Per-sample decisions, computed once per distinct size in Ray tasks over shards."""
-    import ray
-
-    import pandas as pd
-
-    keys = (widths.astype(np.int64) << 32) | heights.astype(np.int64)
-    inverse, unique = pd.factorize(keys)  # distinct sizes in first-seen order, O(N) hashing
-    uw, uh = unique >> 32, unique & 0xFFFFFFFF
-    shards = [(a, min(a + shard_size, len(unique))) for a in range(0, len(unique), shard_size)]
-    parts, cpu_s = [None] * len(shards), 0.0
-    if ray.is_initialized() and shards:
-        task = ray.remote(num_cpus=1)(decide_sizes)
-        tilers_ref = ray.put(tilers)
-        pending = {task.remote(tilers_ref, uw[a:b], uh[a:b]): i for i, (a, b) in enumerate(shards)}
-        with ctx.progress(total=len(shards), desc="tiling shards", unit="shard") as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                parts[pending.pop(done[0])] = ray.get(done[0])
-                bar.update(1)
-    else:
-        parts = [decide_sizes(tilers, uw[a:b], uh[a:b]) for a, b in shards]
-    result = {}
-    for name in tilers:
-        result[name] = {k: (np.concatenate([p[name][k] for p in parts]) if parts else np.zeros(0, np.int64))[inverse]
-                        for k in ("m", "n", "crops", "degenerate")}
-    cpu_s = sum(p["_cpu_s"] for p in parts)
-    return result, {"n_unique_sizes": int(len(unique)), "n_shards": len(shards), "select_cpu_s": round(cpu_s, 3)}
-
-
-def decisions_table(samples, decided: dict, tokens_per_crop: int):
+# -- the decisions file ----------------------------------------------------------------------
+def decisions_table(samples, decided: dict, tilers: dict, priced: dict):
     import pandas as pd
 
     cols = {"width": samples["width"].to_numpy(np.int64), "height": samples["height"].to_numpy(np.int64)}
     for c in DECISION_EXTRA_COLUMNS:
         if c in samples.columns:
             cols[c] = samples[c].to_numpy()
-    for name, d in decided.items():
-        cols[f"{name}_m"], cols[f"{name}_n"] = d["m"].astype(np.int32), d["n"].astype(np.int32)
-        cols[f"{name}_crops"] = d["crops"].astype(np.int32)
-        cols[f"{name}_tokens"] = (d["crops"] * tokens_per_crop).astype(np.int64)
+    for label, (d, _) in decided.items():
+        if getattr(tilers[label], "has_grid", True):
+            cols[f"{label}_m"], cols[f"{label}_n"] = d.m.astype(np.int32), d.n.astype(np.int32)
+            cols[f"{label}_crops"] = d.crops.astype(np.int32)
+        cols[f"{label}_tokens"] = pd.array(np.where(d.skipped, None, d.tokens), dtype="Int64")
+        cols[f"{label}_skip"] = pd.Categorical.from_codes(d.skip_code.astype(np.int64), ["", *d.reasons])
+        if label in priced:
+            cols[f"{label}_encode_s"] = priced[label][0].astype(np.float32)
+            cols[f"{label}_prefill_s"] = priced[label][1].astype(np.float32)
     return pd.DataFrame(cols)
 
 
-def write_skipped(path: Path, skipped) -> None:
-    cols = [c for c in ("row", "id", "image", "source", "width", "height", "reason", "detail") if c in skipped.columns]
-    tmp = path.with_suffix(".csv.tmp")
-    skipped[cols].to_csv(tmp, index=False)
-    tmp.replace(path)
+def price_all(ctx, decided: dict) -> tuple[dict, dict]:
+    """{label: (encode_s, prefill_s, n_below_floor)} and the pricer's description."""
+    from bluelm_v.plugins.tilers.pricing import PhonePricer
+
+    node = ctx.cfg.get("pricing")
+    if node is None or not node.get("enabled", True):
+        return {}, {}
+    pricer = PhonePricer.from_config(node, ctx.registry)
+    priced = {label: pricer.price(d.encoder_pixels, d.tokens) for label, (d, _) in decided.items()}
+    return priced, {**pricer.describe(), "scale_to": int(node.get("scale_to", 624_610))}
 
 
 # -- the job ---------------------------------------------------------------------------------
 def run(ctx) -> dict:
-    from bluelm_v.jobs.ablate_tiling import report
+    from bluelm_v.data.manifest import load_samples, write_skipped
+    from bluelm_v.jobs.ablate_tiling import markdown, report
+    from bluelm_v.plugins.tilers.zoo import decide_all
 
     cfg, ab = ctx.cfg, ctx.cfg.ablation
-    names = list(_plain(ab.tilers))
-    params = {n: tiler_params(cfg, n) for n in names}
-    tilers = {n: ctx.registry.tiler.create(n, _path=f"ablation.tilers.{n}", **params[n][0]) for n in names}
+    names = labels(cfg, ctx.registry)
+    params = {n: tiler_params(cfg, ctx.registry, n) for n in names}
+    tilers = {n: ctx.registry.tiler.create(p[0], _path=f"ablation.tilers.{n}", **p[1]) for n, p in params.items()}
     timing, t0 = {}, time.perf_counter()
-    samples, skipped, dataset = load_samples(ctx)
+    samples, skipped, dataset = load_samples(cfg.dataset, ctx.run_dir, ctx.progress)
     write_skipped(ctx.path("skipped.csv"), skipped)
     timing["load_s"] = round(time.perf_counter() - t0, 3)
+    if len(samples) == 0:
+        reasons = skipped["reason"].value_counts().to_dict() if len(skipped) else {}
+        why = (f"every one of the {len(skipped):,} input rows was skipped ("
+               + ", ".join(f"{k}: {v:,}" for k, v in reasons.items()) + "); see skipped.csv") if len(skipped) \
+            else "the input has no rows"
+        print(f"bluelm-v: ablate_tiling: nothing to decide: {why}", flush=True)
+        return {"status": "failed", "reason": why, "n_images": 0, "n_skipped": int(len(skipped)),
+                "skipped_reasons": {str(k): int(v) for k, v in reasons.items()}, "dataset": dataset}
 
     t1 = time.perf_counter()
-    decided, work = decide(ctx, tilers, samples["width"].to_numpy(np.int64),
-                           samples["height"].to_numpy(np.int64), int(ab.shard_size))
+    widths, heights = samples["width"].to_numpy(np.int64), samples["height"].to_numpy(np.int64)
+    decided, work = decide_all(tilers, widths, heights, int(ab.shard_size), ctx.progress, int(ab.tokens_per_crop))
     timing["decide_s"] = round(time.perf_counter() - t1, 3)
-    decisions = decisions_table(samples, decided, int(ab.tokens_per_crop))
+    t2 = time.perf_counter()
+    priced, pricing = price_all(ctx, decided)
+    timing["price_s"] = round(time.perf_counter() - t2, 3)
+    decisions = decisions_table(samples, decided, tilers, priced)
     decisions.to_parquet(ctx.path("decisions.parquet"), index=False)
 
-    summary = report.summarize(decisions, tilers, params, ab.reference, decided, skipped, dataset,
-                               int(ab.tokens_per_crop))
+    budgets = tuple(int(b) for b in _plain(ab.get("token_budgets", [1024, 2048, 4096])))
+    summary = report.summarize(decisions, tilers, params, ab.reference, decided, priced, pricing, skipped,
+                               dataset, budgets)
     summary["work"], summary["timing"] = work, timing
-    t2 = time.perf_counter()
-    report_path, images = report.write_report(ctx.run_dir, summary, decisions, tilers,
+    t3 = time.perf_counter()
+    report_path, images = markdown.write_report(ctx.run_dir, summary, decisions, tilers,
                                               plots=bool(ab.get("plots", True)),
                                               map_points=int(ab.get("map_points", 200)))
-    timing["report_s"] = round(time.perf_counter() - t2, 3)
+    timing["report_s"] = round(time.perf_counter() - t3, 3)
     summary = {"report": str(report_path), **summary}
     ctx.log_metrics(report.headline_metrics(summary))
     if images:

@@ -11,9 +11,14 @@ One Ray actor per device (jobs/benchmark/worker.py) loads its backend once and r
 a time: warm-up, N trials, a stability check, an optional cool-down. Each finished case is
 appended to RUN_DIR/results.jsonl at once; a rerun with the same run directory skips the cases
 already there. An actor that dies or hangs past ``job.case_timeout_s`` is replaced and its case
-retried once on that device, then recorded as failed with the error. Outputs: results.jsonl,
-summary.json, report.md (a Table-5-like table per device + sweeps), encode_vs_tiles_per_batch.png,
-prefill_vs_chunk.png.
+retried once on that device, then recorded as failed with the error; so is a case whose device
+was lost (an ssh board that stopped answering, a phone unplugged), and a resumed run repeats
+those. The summary's status is ``ok`` (every case ok), ``partial`` (some failed: counts in
+``reason``) or ``failed`` (every case failed: the errors in ``reason``). Outputs: results.jsonl,
+summary.json, report.md (a Table-5-like table per device, the base case in the columns of the AI
+Hub / ExecuTorch benchmarks, the same case on every device side by side, sweeps),
+benchmark_results.json (ExecuTorch's benchmark records), encode_vs_tiles_per_batch.png,
+prefill_vs_chunk.png, devices_compare.png.
 """
 from __future__ import annotations
 
@@ -26,6 +31,12 @@ from bluelm_v.jobs.benchmark import report
 from bluelm_v.jobs.benchmark.scheduler import Fanout
 from bluelm_v.jobs.benchmark.store import ResultStore
 from bluelm_v.errors import ConfigError
+from bluelm_v.job import write_json
+
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): the
+# model the host backends build; quantizers come from the cases, backends from job.devices.
+USES = ("tiler", "encoder", "downsampler", "projector", "llm")
+OPEN_NODES = ("job.cases",)   # case fields are checked by cases.check_case
 
 PROTOCOL_KEYS = ("warmup", "trials", "max_spread", "extra_trials", "cool_down_s")
 
@@ -60,6 +71,17 @@ def _check_quantizer(q, registry, path: str) -> None:
             registry.validate_node("quantizer", node, path)
 
 
+def outcome(ok: int, failed: int, total: int, records: list[dict]) -> dict:
+    """The job's status: ok, partial (with counts) or failed (with the errors)."""
+    errors = list(dict.fromkeys(str(r.get("error")) for r in records if r["status"] == "failed"))
+    said = "; ".join(errors[:3]) + (f"; and {len(errors) - 3} other errors" if len(errors) > 3 else "")
+    if failed == 0 and ok == total:
+        return {"status": "ok"}
+    if ok == 0:
+        return {"status": "failed", "reason": f"every case failed ({failed} of {total}): {said}"}
+    return {"status": "partial", "reason": f"{failed} of {total} cases failed, {ok} ok: {said}"}
+
+
 def run(ctx) -> dict:
     job, run_dir = ctx.cfg.job, ctx.run_dir
     config = OmegaConf.to_container(ctx.cfg, resolve=True)
@@ -70,7 +92,7 @@ def run(ctx) -> dict:
     bases = {name: cases[0] for name, cases in grids.items()}
 
     store = ResultStore(run_dir / "results.jsonl")
-    done = store.finished(("ok",) if job.get("rerun_failed") else ("ok", "failed"))
+    done = store.finished(("ok",) if job.get("rerun_failed") else ("ok", "failed"), keep_retryable=False)
     work = {name: [c for c in cases if (name, c["id"]) not in done] for name, cases in grids.items()}
     total, todo = sum(map(len, grids.values())), sum(map(len, work.values()))
     print(f"benchmark: {len(devices)} devices, {total} cases, {total - todo} already in {store.path.name}, {todo} to run")
@@ -99,15 +121,22 @@ def run(ctx) -> dict:
     loads = fan.device_info()
     per_device = {d["name"]: {**report.device_summary(d["name"], records, bases[d["name"]]), **loads[d["name"]]}
                   for d in devices}
-    pictures = report.plots(records, bases, run_dir) if job.get("plots", True) else {}
+    rows = report.anchor_rows(records, loads)
+    model = "{}+{}".format((config.get("encoder") or {}).get("preset", "?"), (config.get("llm") or {}).get("preset", "?"))
+    write_json(run_dir / "benchmark_results.json", report.executorch_records(rows, model))
+    base_ids = {name: c["id"] for name, c in bases.items()}
+    pictures = {**report.plots(records, bases, run_dir), **report.comparison_plot(rows, base_ids, run_dir)} \
+        if job.get("plots", True) else {}
     ctx.log_images(pictures)
     header = (f"{len(devices)} devices, {len(records)} of {total} cases recorded; protocol: "
               + ", ".join(f"{k}={v}" for k, v in protocol.items()) + f"; results: {store.path.name}")
-    report.write_report(run_dir / "report.md", per_device, records, bases, pictures, header)
+    report.write_report(run_dir / "report.md", per_device, records, bases, pictures, header,
+                        anchors=report.anchor_table(rows, base_ids) + "\n\n" + report.same_case_table(records, base_ids))
     findings = {name: {k: s[k] for k in ("best_tiles_per_batch", "best_prefill_chunk") if k in s}
                 for name, s in per_device.items()}
-    return {"cases": total, "ok": sum(s["ok"] for s in per_device.values()),
-            "failed": sum(s["failed"] for s in per_device.values()), "skipped_finished": total - todo,
+    ok, failed = sum(s["ok"] for s in per_device.values()), sum(s["failed"] for s in per_device.values())
+    return {**outcome(ok, failed, total, records), "cases": total, "ok": ok, "failed": failed,
+            "skipped_finished": total - todo,
             "ran": todo, "retried": counts["retried"], "actor_restarts": counts["actor_restarts"],
             "devices": per_device, "findings": findings, "results": str(store.path),
             "report": str(run_dir / "report.md"), "plots": pictures}

@@ -151,10 +151,34 @@ def plots(records: list[dict], bases: dict, out_dir: Path) -> dict[str, str]:
     return files
 
 
-def write_report(path: Path, devices: dict, records: list[dict], bases: dict, pictures: dict, header: str) -> None:
+def same_case_table(records: list[dict], base_ids: dict) -> str:
+    """Cases measured on several devices, side by side, with each answer's first tokens."""
+    by_case: dict = {}
+    for r in records:
+        if r["status"] == "ok":
+            by_case.setdefault(r["case_id"], []).append(r)
+    lines = []
+    for cid, recs in by_case.items():
+        if len(recs) < 2 or cid not in base_ids.values():
+            continue
+        lines += [f"Case {cid}:", "", "| device | backend | encode (s) | prefill (s) | TTFT (s) | decode (tok/s) "
+                  "| peak (MB) | first tokens |", "|---" * 8 + "|"]
+        for r in recs:
+            m = r["metrics"]
+            toks = ",".join(map(str, (m.get("tokens") or [])[:8])) or "-"
+            lines.append(f"| {r['device']} | {r['backend']} | {_fmt(m.get('encode_s'))} | {_fmt(m.get('prefill_s'))} | "
+                         f"{_fmt(m.get('ttft_s'))} | {_fmt(m.get('decode_tokens_per_s'), 1)} | "
+                         f"{_fmt(m.get('peak_memory_mb'), 0)} | {toks} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, devices: dict, records: list[dict], bases: dict, pictures: dict, header: str,
+                 anchors: str = "") -> None:
     failed = [r for r in records if r["status"] == "failed"]
     lines = ["# Benchmark report", "", header, "", "## Per device (base case, like the paper's Table 5)", "",
-             table5(devices, bases), "", "## Sweeps (cases that differ from the base case in one field)",
+             table5(devices, bases), "", "## Per device in the AI Hub / ExecuTorch benchmark columns", "", anchors, "",
+             "## Sweeps (cases that differ from the base case in one field)",
              sweep_tables(records, bases), ""]
     if pictures:
         lines += ["## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in pictures.items()] + [""]
@@ -163,3 +187,94 @@ def write_report(path: Path, devices: dict, records: list[dict], bases: dict, pi
         lines += [f"| {r['device']} | {r['case_id']} | {r.get('attempts')} | {str(r.get('error')).replace('|', '/')[:300]} |"
                   for r in failed]
     path.write_text("\n".join(lines) + "\n")
+
+
+# -- results in the schema of the AI Hub / ExecuTorch benchmarks ---------------------------------
+ANCHOR_METRICS = (("load_ms", "load_s", 1e3), ("encode_ms", "encode_s", 1e3), ("ttft_ms", "ttft_s", 1e3),
+                  ("prefill_tokens_per_s", "prefill_tokens_per_s", 1.0),
+                  ("decode_tokens_per_s", "decode_tokens_per_s", 1.0))
+
+
+def anchor_rows(records: list[dict], loads: dict) -> list[dict]:
+    """One row per ok case: device, backend, compute unit, load / encode / TTFT in ms, prefill and
+    decode tokens/s, peak memory range [min, max] over the trials (MB), environment."""
+    rows = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        m, info = r["metrics"], ((loads.get(r["device"]) or {}).get("load") or {})
+        desc = info.get("backend") or {}
+        peaks = [t["peak_memory_mb"] for t in r.get("per_trial") or [] if isinstance(t.get("peak_memory_mb"), (int, float))]
+        peaks = peaks or ([m["peak_memory_mb"]] if isinstance(m.get("peak_memory_mb"), (int, float)) else [])
+        row = {"device": r["device"], "backend": r["backend"], "compute_unit": desc.get("compute_unit", "cpu"),
+               "case_id": r["case_id"], "simulated": bool(m.get("simulated"))}
+        for name, key, scale in ANCHOR_METRICS:
+            row[name] = m[key] * scale if isinstance(m.get(key), (int, float)) else None
+        row["peak_memory_range_mb"] = [min(peaks), max(peaks)] if peaks else None
+        row["environment"] = {k: v for k, v in desc.items() if k not in ("backend", "kind", "compute_unit", "profile_values")
+                              and isinstance(v, (str, int, float))}
+        rows.append(row)
+    return rows
+
+
+def executorch_records(rows: list[dict], model: str) -> list[dict]:
+    """The rows as ExecuTorch's benchmark records (v3: benchmark, model, metric, runners)."""
+    out = []
+    for row in rows:
+        for name, _, _ in ANCHOR_METRICS:
+            if row[name] is None:
+                continue
+            out.append({"benchmark": {"name": "bluelm_v", "mode": "inference", "extra_info": {"case": row["case_id"]}},
+                        "model": {"name": model, "type": "vlm", "backend": row["backend"]},
+                        "metric": {"name": name, "benchmark_values": [row[name]], "target_value": 0,
+                                   "extra_info": {"peak_memory_range_mb": row["peak_memory_range_mb"]}},
+                        "runners": [{"name": row["device"], "type": row["compute_unit"], **row["environment"]}]})
+    return out
+
+
+def anchor_table(rows: list[dict], case_ids: dict) -> str:
+    """Per device, its base case in the anchors' columns."""
+    lines = ["| device | backend | compute unit | load (ms) | encode (ms) | TTFT (ms) | prefill (tok/s) | decode (tok/s) "
+             "| peak memory (MB) | environment |", "|---" * 10 + "|"]
+    for row in rows:
+        if row["case_id"] != case_ids.get(row["device"]):
+            continue
+        mem = row["peak_memory_range_mb"]
+        env = ", ".join(f"{k} {v}" for k, v in list(row["environment"].items())[:5])
+        lines.append(f"| {row['device']} | {row['backend']} | {row['compute_unit']} | {_fmt(row['load_ms'], 0)} | "
+                     f"{_fmt(row['encode_ms'], 0)} | {_fmt(row['ttft_ms'], 0)} | {_fmt(row['prefill_tokens_per_s'], 0)} | "
+                     f"{_fmt(row['decode_tokens_per_s'], 1)} | {'-' if not mem else f'{mem[0]:.0f}-{mem[1]:.0f}'} | {env} |")
+    return "\n".join(lines)
+
+
+def comparison_plot(rows: list[dict], case_ids: dict, out_dir: Path) -> dict[str, str]:
+    """Cross-device comparison of the base case: latencies (load, encode, TTFT) and decode speed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = [r for r in rows if r["case_id"] == case_ids.get(r["device"])]
+    if not base:
+        return {}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1.4]})
+    names = [f"{r['device']}{' (sim)' if r['simulated'] else ''}" for r in base]
+    width = 0.8 / 3
+    for i, (key, label) in enumerate((("load_ms", "load"), ("encode_ms", "encode"), ("ttft_ms", "TTFT"))):
+        xs = [j + (i - 1) * width for j in range(len(base))]
+        ax1.bar(xs, [(r[key] or 0) / 1e3 for r in base], width, label=label)
+    ax1.set_xticks(range(len(base)), names, rotation=20, ha="right", fontsize=8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("seconds (log)")
+    ax1.set_title("latency of the base case")
+    ax1.legend(fontsize=8)
+    ax2.bar(range(len(base)), [r["decode_tokens_per_s"] or 0 for r in base], color="tab:green")
+    ax2.set_xticks(range(len(base)), names, rotation=20, ha="right", fontsize=8)
+    ax2.set_ylabel("decode tokens/s")
+    ax2.set_title("decode speed")
+    for ax in (ax1, ax2):
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "devices_compare.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"devices_compare": str(path)}

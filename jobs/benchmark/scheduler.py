@@ -6,7 +6,10 @@
 Every finished case goes to ``store`` (results.jsonl) the moment it finishes. An actor that dies
 or hangs past its timeout is killed and replaced (the replacement loads again); the case it was
 running is retried ``retries`` times on the same device, then recorded as failed with the error.
-A case whose backend raises is recorded as failed at once (a deterministic error). A device
+A case whose backend raises is recorded as failed at once (a deterministic error), unless the
+error is ``retryable`` (a lost or unanswering device: plugins/backends/transport.py): then the
+case is retried ``retries`` times on the same actor (its backend reconnects), and if it still
+fails it is recorded failed with ``retryable: true``, which a resumed run repeats. A device
 whose backend cannot load gets every case recorded as failed with the load error. Actors take
 their device's ``num_cpus``; devices that do not fit in the cluster together wait and start as
 others finish (a finished device's actor is killed at once).
@@ -23,6 +26,10 @@ from bluelm_v.jobs.benchmark.worker import DeviceWorker
 
 def actor_name(prefix: str, device: str, generation: int) -> str:
     return f"{prefix}-{device}-{generation}"
+
+
+def _retryable(exc: BaseException) -> bool:
+    return bool(getattr(getattr(exc, "cause", None), "retryable", False))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -106,10 +113,10 @@ class Fanout:
 
     # -- records ---------------------------------------------------------------------------
     def _record(self, dev: _Device, case: dict, status: str, attempt: int, result: dict | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, retryable: bool = False) -> None:
         rec = {"device": dev.spec["name"], "case_id": case["id"], "status": status,
                "backend": dev.spec["backend"]["name"], "kind": (dev.load_info or {}).get("kind"),
-               "attempts": attempt, "error": error, "case": case,
+               "attempts": attempt, "error": error, "retryable": retryable, "case": case,
                "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if result is not None:
             metrics = dict(result.get("metrics") or {})
@@ -120,10 +127,10 @@ class Fanout:
         if self.on_record:
             self.on_record(rec)
 
-    def _fail_queue(self, dev: _Device, error: str) -> None:
+    def _fail_queue(self, dev: _Device, error: str, retryable: bool = False) -> None:
         while dev.queue:
             case, attempt = dev.queue.popleft()
-            self._record(dev, case, "failed", max(attempt, 1), error=error)
+            self._record(dev, case, "failed", max(attempt, 1), error=error, retryable=retryable)
 
     def _lost(self, dev: _Device, kind: str, case: dict | None, attempt: int, error: str) -> None:
         """The actor died or hung: retry the case (or the load) on a fresh actor, or give up."""
@@ -174,12 +181,16 @@ class Fanout:
                     dev = self.devices[name]
                     try:
                         result = ray.get(ref)
-                    except RayTaskError as exc:          # the backend raised: deterministic
+                    except RayTaskError as exc:          # the backend raised
+                        retry = _retryable(exc)
                         if kind == "load":
                             self._kill(dev)
-                            self._fail_queue(dev, f"load: {_error_text(exc)}")
+                            self._fail_queue(dev, f"load: {_error_text(exc)}", retry)
+                        elif retry and attempt <= self.retries:   # the device was lost: once more
+                            dev.queue.appendleft((case, attempt + 1))
+                            self.counts["retried"] += 1
                         else:
-                            self._record(dev, case, "failed", attempt, error=_error_text(exc))
+                            self._record(dev, case, "failed", attempt, error=_error_text(exc), retryable=retry)
                         self._submit_next(dev)
                         continue
                     except RayError as exc:              # the actor died (killed, crashed, out of memory)

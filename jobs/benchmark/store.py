@@ -31,8 +31,12 @@ class ResultStore:
                 records.append(rec)
         return records
 
-    def finished(self, statuses=("ok", "failed")) -> set[tuple[str, str]]:
-        return {(r["device"], r["case_id"]) for r in self.read() if r.get("status") in statuses}
+    def finished(self, statuses=("ok", "failed"), keep_retryable: bool = True) -> set[tuple[str, str]]:
+        """(device, case) whose last record has one of ``statuses``; with ``keep_retryable=False``
+        a failure marked retryable (the device was lost) does not count as finished."""
+        last = {(r["device"], r["case_id"]): r for r in self.read()}
+        return {key for key, r in last.items() if r.get("status") in statuses
+                and (keep_retryable or r.get("status") == "ok" or not r.get("retryable"))}
 
     def append(self, record: dict) -> None:
         line = json.dumps(to_jsonable(record), sort_keys=False)

@@ -85,7 +85,7 @@ class DeviceWorker:
             cooled = self.backend.cool_down(cool) if hasattr(self.backend, "cool_down") else time.sleep(cool)
         return {"metrics": aggregate(runs), "spread": spreads,
                 "stable": all(v <= max_spread for v in spreads.values()), "trials": len(runs),
-                "per_trial": [{k: r.get(k) for k in TIMINGS if k in r} for r in runs],
+                "per_trial": [{k: r.get(k) for k in (*TIMINGS, "peak_memory_mb") if k in r} for r in runs],
                 "cool_down": cooled, "measure_wall_s": time.perf_counter() - t0, "pid": os.getpid()}
 
     def close(self) -> None:

@@ -38,6 +38,10 @@ from bluelm_v.errors import ConfigError
 from bluelm_v.job import write_json
 from bluelm_v.jobs.memory.worker import release_heap
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "engine", "quantizer")
+OPEN_NODES = ("job.worker_env",)   # environment variables of the measured process
+
 GOAL_BYTES = 2.2e9        # the paper's 2.2 GB (decimal): 2098 MiB
 
 

@@ -39,6 +39,9 @@ from omegaconf import OmegaConf
 from bluelm_v.errors import ConfigError
 from bluelm_v.job import write_json
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
+USES = ("encoder", "llm", "engine", "quantizer")
+
 SETTINGS = ("fp32", "w8", "w4_g32", "w4_g64", "w4_g128", "w4_kv8", "w4_kv8_a16")
 
 

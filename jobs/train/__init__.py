@@ -18,8 +18,15 @@ Train every ``train.checkpoint_every`` steps and resuming from the last checkpoi
 worker failure (``train.max_failures``). Per-step metrics (loss, lr, grad norm, tokens/s,
 skipped samples, MFU) go to the job's loggers and RUN_DIR/metrics.jsonl; summary.json holds per
 stage figures, the stage-1 projector path, and the held-out accuracy with its chance level.
-Step speed options (jobs/train/speed.py): ``train.compile`` (regional torch.compile),
-``train.loss_chunk_tokens`` (chunked LM head + cross-entropy), ``train.sdpa_backend``.
+Step speed options (jobs/train/speed.py, the same keys and defaults as bench/bench_train_gpu.py):
+``train.compile`` (regional torch.compile), ``train.loss_chunk_tokens`` (chunked LM head +
+cross-entropy), ``train.sdpa_backend``, ``train.fused_projections`` (one q|k|v and one gate|up
+matmul per layer), ``train.attention`` (how packed samples are kept apart), ``train.activation_checkpointing``,
+``train.encoder_tiles_per_batch`` (0: all crops of a micro-batch in one encoder call).
+Sequence packing (docs/design.md §9, jobs/train/packing.py): ``train.stage2.packing`` (on) packs
+whole samples first-fit into rows of ``train.max_seq`` tokens; ``train.packing=true|false`` sets
+both stages. Sample lengths come from a scan that decodes no image, cached in
+``train.data.cache_dir`` (default RUN_DIR/../length_cache).
 """
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ from omegaconf import OmegaConf
 from bluelm_v.errors import ConfigError
 from bluelm_v.job import write_json
 
+# The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "deepspeed")
+OPEN_NODES = ("deepspeed",)   # a DeepSpeed config: DeepSpeed checks its keys
+
 PARTS = ("encoder", "downsampler", "projector", "llm")
 
 
@@ -41,6 +52,12 @@ def _stages(cfg) -> list[int]:
     if stage not in ("1", "2", "both"):
         raise ConfigError(f"train.stage: {cfg.train.stage!r} must be 1, 2 or both")
     return [1, 2] if stage == "both" else [int(stage)]
+
+
+def stage_packing(cfg, n: int) -> bool:
+    """train.packing when set (true/false: both stages), else the stage's own packing key."""
+    top = cfg.train.get("packing")
+    return bool(top if top is not None else cfg.train[f"stage{n}"].get("packing", False))
 
 
 def _stage_tiler(cfg, n: int):
@@ -76,6 +93,7 @@ def validate(cfg, registry) -> None:
             node = t.data[f"stage{n}"]
             if not node.get("json") or not Path(node.json).is_file():
                 raise ConfigError(f"train.data.stage{n}.json: LLaVA-format file {node.get('json')!r} not found")
+    from bluelm_v.jobs.train.decoder import ATTENTIONS
     from bluelm_v.jobs.train.speed import COMPILE_MODES, SDPA_BACKENDS
 
     if int(t.get("loss_chunk_tokens") or 0) < 0:
@@ -84,6 +102,16 @@ def validate(cfg, registry) -> None:
         raise ConfigError(f"train.compile_mode: {t.compile_mode!r} must be one of {COMPILE_MODES}")
     if str(t.get("sdpa_backend") or "auto") not in SDPA_BACKENDS:
         raise ConfigError(f"train.sdpa_backend: {t.sdpa_backend!r} must be one of {SDPA_BACKENDS}")
+    if str(t.get("attention") or "auto") not in ATTENTIONS:
+        raise ConfigError(f"train.attention: {t.attention!r} must be one of {ATTENTIONS}")
+    if str(t.get("attention") or "auto") in ("flex", "varlen") and not t.use_gpu:
+        raise ConfigError(f"train.attention: {t.attention} runs on CUDA only; use auto or sdpa with train.use_gpu=false")
+    if any(stage_packing(cfg, n) for n in _stages(cfg)):
+        if int(t.max_seq) < 16:
+            raise ConfigError(f"train.max_seq: {t.max_seq} must be >= 16 (the packed row length in tokens)")
+        if int(t.data.max_length) > int(t.max_seq):
+            raise ConfigError(f"train.data.max_length: {t.data.max_length} exceeds train.max_seq {t.max_seq}: "
+                              "a sample longer than a packed row cannot be packed")
     if t.get("init_projector") and not Path(t.init_projector).is_file():
         raise ConfigError(f"train.init_projector: {t.init_projector!r} not found")
 
@@ -97,13 +125,34 @@ def resolve_data(cfg, run_dir: Path) -> dict:
         root = Path(d.get("root") or run_dir / "data" / "shapes")
         paths = generate(root, **OmegaConf.to_container(d.shapes, resolve=True))
         meta = json.loads(Path(paths["meta"]).read_text())
-        return {"stage1": {"json": paths["stage1"], "image_root": paths["image_root"]},
-                "stage2": {"json": paths["stage2"], "image_root": paths["image_root"]},
-                "eval": {"json": paths["eval"], "image_root": paths["image_root"]},
-                "chance": meta["chance"]["mean"], "root": str(root)}
-    out = {f"stage{n}": {"json": d[f"stage{n}"].json, "image_root": d[f"stage{n}"].get("image_root")} for n in (1, 2)}
-    out["eval"] = {"json": d.eval.get("json"), "image_root": d.eval.get("image_root")}
+        out = {"stage1": {"json": paths["stage1"], "image_root": paths["image_root"]},
+               "stage2": {"json": paths["stage2"], "image_root": paths["image_root"]},
+               "eval": {"json": paths["eval"], "image_root": paths["image_root"]},
+               "chance": meta["chance"]["mean"], "root": str(root)}
+    else:
+        out = {f"stage{n}": {"json": d[f"stage{n}"].json, "image_root": d[f"stage{n}"].get("image_root")}
+               for n in (1, 2)}
+        out["eval"] = {"json": d.eval.get("json"), "image_root": d.eval.get("image_root")}
+    prescan_image_sizes(out, _stages(cfg), _cache_dir(cfg, run_dir))
     return out
+
+
+def _cache_dir(cfg, run_dir: Path) -> str:
+    return str(Path(cfg.train.data.get("cache_dir") or run_dir.parent / "length_cache"))
+
+
+def prescan_image_sizes(data: dict, stages: list[int], cache_dir: str) -> None:
+    """Fill the header-size cache of each stage's images here, in parallel Ray tasks, while the
+    cluster is free (the workers then only read it)."""
+    from bluelm_v.data.image_sizes import cached_scan
+    from bluelm_v.data.llava import image_paths, load_records
+
+    for n in stages:
+        node = data[f"stage{n}"]
+        root = Path(node["image_root"] or Path(node["json"]).parent)
+        paths = [str(p) for rec in load_records(node["json"]) if isinstance(rec, dict) for p in image_paths(rec)]
+        if paths:
+            cached_scan(root, paths, cache_dir)
 
 
 def stage_config(cfg, n: int, data: dict, run_dir: Path, init_projector: str | None) -> dict:
@@ -119,7 +168,10 @@ def stage_config(cfg, n: int, data: dict, run_dir: Path, init_projector: str | N
                     "strict": bool(cfg.plugins.get("strict", False))},
         "data": {"json": data[f"stage{n}"]["json"], "image_root": data[f"stage{n}"]["image_root"],
                  "max_length": int(t.data.max_length), "system": t.data.get("system"),
-                 "max_samples": t.data.get("max_samples"), "group_by_length": bool(t.data.group_by_length)},
+                 "max_samples": t.data.get("max_samples"), "group_by_length": bool(t.data.group_by_length),
+                 "cache_dir": _cache_dir(cfg, run_dir)},
+        "packing": stage_packing(cfg, n), "max_seq": int(t.max_seq),
+        "pack_longest_first": bool(t.get("pack_longest_first", True)),
         "eval_json": data["eval"]["json"] if run_eval else None,
         "eval_image_root": data["eval"]["image_root"], "eval_max_samples": ev.get("max_samples"),
         "eval_max_new_tokens": int(ev.max_new_tokens),
@@ -130,7 +182,11 @@ def stage_config(cfg, n: int, data: dict, run_dir: Path, init_projector: str | N
         "deepspeed": plain(cfg.deepspeed), "checkpoint_every": int(t.checkpoint_every),
         "speed": {"compile": bool(t.get("compile", False)), "compile_mode": str(t.get("compile_mode") or "default"),
                   "loss_chunk_tokens": int(t.get("loss_chunk_tokens") or 0),
-                  "sdpa_backend": str(t.get("sdpa_backend") or "auto")},
+                  "sdpa_backend": str(t.get("sdpa_backend") or "auto"),
+                  "fused_projections": bool(t.get("fused_projections", False)),
+                  "attention": str(t.get("attention") or "auto"),
+                  "activation_checkpointing": bool(t.get("activation_checkpointing", False)),
+                  "encoder_tiles_per_batch": int(t.get("encoder_tiles_per_batch") or 0)},
         "init_projector": init_projector if n == 2 else None,
         "save_model": bool(t.save_model) and n == 2, "peak_tflops": t.get("peak_tflops"),
         "threads_per_worker": max(1, int(t.cpus_per_worker)),
@@ -186,6 +242,11 @@ def fit_stage(ctx, n: int, config: dict, step_offset: int) -> dict:
                              failure_config=FailureConfig(max_failures=int(t.max_failures))))
     try:
         result = trainer.fit()
+    except Exception as exc:
+        cause = config_error_in(exc)
+        if cause is None:
+            raise
+        raise ConfigError(cause) from None      # a worker refused the config: one line, as in validate
     finally:
         pump.close()
     final = dict(result.metrics or {})
@@ -201,6 +262,23 @@ def fit_stage(ctx, n: int, config: dict, step_offset: int) -> dict:
         "trainable_params": final.get("trainable_params"), "data": final.get("data"), "eval": final.get("eval"),
         "world_size": final.get("world_size"), "warmup_steps": final.get("warmup_steps"),
     }
+
+
+def config_error_in(exc: BaseException) -> str | None:
+    """The message of a bluelm-v ConfigError somewhere in ``exc``'s chain (Ray wraps a worker's
+    exception in its own), else None."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            original = getattr(e, "cause", None)
+            return str(original if isinstance(original, ConfigError) else e).strip().splitlines()[-1]
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def run(ctx) -> dict:

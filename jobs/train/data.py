@@ -4,6 +4,8 @@
     plan.steps_per_epoch                 # global batches (all ranks together) per epoch
     plan.indices(batch_number)           # this rank's sample indices of global batch k (k >= 0,
                                          # across epochs: deterministic, so a resume just skips)
+    plan.rows(batch_number)              # the same, one row per sample (jobs/train/packing.py's
+                                         # PackedPlan gives several samples a row)
     batch = collate([ds[i] for i in plan.indices(k)], pad_id=tok.pad_token_id)
 
 Length grouping (like LLaVA's / HF's grouped sampler): each epoch is a seeded permutation cut
@@ -62,6 +64,9 @@ class LengthGroupedPlan:
         members = self.global_batches(epoch)[k]
         return members[self.rank::self.world_size]
 
+    def rows(self, batch_number: int) -> list[list[int]]:
+        return [[i] for i in self.indices(batch_number)]
+
 
 def collate(items: list[dict], pad_id: int) -> dict:
     """Right-pad token ids / labels of a micro-batch; images stay a list of [K_i,3,B,B] tensors
@@ -80,5 +85,5 @@ def collate(items: list[dict], pad_id: int) -> dict:
         mask[b, :n] = 1
         images.extend(it["images"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images,
-            "llm_tokens": int(sum(it["length"] for it in items)),
+            "lengths": [int(it["length"]) for it in items], "llm_tokens": int(sum(it["length"] for it in items)),
             "crops": sum(int(im.shape[0]) for im in images)}

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bluelm_v.errors import ConfigError
+
 
 def _setup_env(config: dict) -> None:
     # Before deepspeed is imported: its CPU comm op is compiled once into this cache.
@@ -106,6 +108,76 @@ def deepspeed_config(config: dict, device) -> dict:
     return ds
 
 
+def zero3_speed(config: dict, rank: int) -> dict:
+    """The stage's speed options, less those ZeRO-3 cannot run: the chunked loss and the fused
+    projections read weights outside their modules' own forward, where ZeRO-3 never gathers them
+    (packing itself works: the training decoder then calls every projection module)."""
+    speed = dict(config.get("speed") or {})
+    if config["deepspeed"].get("zero_optimization", {}).get("stage") != 3:
+        return speed
+    for key, what in (("loss_chunk_tokens", "the LM head weight"), ("fused_projections", "the q/k/v and gate/up weights")):
+        if speed.get(key):
+            if rank == 0:
+                print(f"bluelm-v: warning: train.{key} is ignored under ZeRO-3 ({what} stay partitioned outside "
+                      "their modules)", file=sys.stderr, flush=True)
+            speed[key] = 0 if key == "loss_chunk_tokens" else False
+    return speed
+
+
+def dataset_rank0_first(config: dict, tiler, tok, tokens_per_crop: int, rank: int, dist):
+    """The stage's LlavaDataset; rank 0 scans (and fills the length cache) while the others wait,
+    then they read the cache."""
+    from bluelm_v.data.llava import LlavaDataset
+
+    data = config["data"]
+
+    def build():
+        return LlavaDataset(data["json"], data["image_root"], tiler, tok, tokens_per_crop,
+                            max_length=data["max_length"], system=data.get("system"),
+                            max_samples=data.get("max_samples"), cache_dir=data.get("cache_dir"))
+
+    ds = build() if rank == 0 else None
+    dist.barrier()
+    return ds if ds is not None else build()
+
+
+def batch_plan(config: dict, lengths, world: int, rank: int):
+    """PackedPlan (rows of train.max_seq tokens) or LengthGroupedPlan (one sample a row)."""
+    from bluelm_v.jobs.train.data import LengthGroupedPlan
+    from bluelm_v.jobs.train.packing import PackedPlan
+
+    micro, seed = int(config["micro_batch"]), int(config["seed"])
+    if config.get("packing"):
+        return PackedPlan(lengths, int(config["max_seq"]), micro, world, rank, seed=seed,
+                          longest_first=bool(config.get("pack_longest_first", True)))
+    return LengthGroupedPlan(lengths, micro, world, rank, seed=seed,
+                             group_by_length=bool(config["data"].get("group_by_length", True)))
+
+
+def micro_batch(ds, rows: list[list[int]], pad_id: int, config: dict, tokens_per_crop: int) -> dict:
+    """The loaded, collated micro-batch of ``rows`` (sample indices) + ``computed_tokens`` (the
+    LLM positions the step runs, padding included)."""
+    from bluelm_v.jobs.train.data import collate
+    from bluelm_v.jobs.train.packing import collate_packed
+
+    if config.get("packing"):
+        max_seq = int(config["max_seq"])
+        # a sample whose image fails to decode is replaced by one no longer: the row still fits
+        batch = collate_packed([[ds.get(i, fits=ds.lengths[i]) for i in row] for row in rows], pad_id,
+                               max_seq, tokens_per_crop)
+        batch["computed_tokens"] = len(rows) * max_seq
+        return batch
+    batch = collate([ds[i] for row in rows for i in row], pad_id)
+    batch["computed_tokens"] = len(batch["lengths"]) * max(batch["lengths"])
+    return batch
+
+
+def step_inputs(batch: dict) -> dict:
+    """The TrainStep keyword arguments of a collated batch."""
+    keys = ("input_ids", "attention_mask", "labels", "images") + (("doc_lens",) if "doc_lens" in batch else ())
+    return {k: batch[k] for k in keys}
+
+
 def train_stage(config: dict) -> None:
     """Ray Train's train_loop_per_worker for one stage."""
     _setup_env(config)
@@ -115,9 +187,8 @@ def train_stage(config: dict) -> None:
     import torch.distributed as dist
     from ray.train.torch import get_device
 
-    from bluelm_v.data.llava import LlavaDataset, load_records
+    from bluelm_v.data.llava import load_records
     from bluelm_v.plugin_manager import get as get_plugins
-    from bluelm_v.jobs.train.data import LengthGroupedPlan, collate
     from bluelm_v.jobs.train.evaluate import evaluate
     from bluelm_v.jobs.train.flops import StepFlops, device_peak_flops, full_numel
     from bluelm_v.jobs.train.optim import (build_param_groups, freeze_except, lr_multiplier, set_lr,
@@ -142,15 +213,13 @@ def train_stage(config: dict) -> None:
     freeze_except(model, trainable)
     model.train()
     base_digest = digests(None, model, ("encoder", "llm"))      # before any optimizer step
-    speed = dict(config.get("speed") or {})
-    if int(speed.get("loss_chunk_tokens") or 0) and config["deepspeed"].get("zero_optimization", {}).get("stage") == 3:
-        # the chunked loss multiplies by the LM head's weight outside the head's own forward, where
-        # ZeRO-3 never gathers it: use the model's loss instead of failing on a partitioned weight
-        if rank == 0:
-            print("bluelm-v: warning: train.loss_chunk_tokens is ignored under ZeRO-3 (the LM head weight stays "
-                  "partitioned outside its module); training with the model's own loss", file=sys.stderr, flush=True)
-        speed["loss_chunk_tokens"] = 0
-    net = apply_speed_options(model, speed)                    # TrainStep: BlueLMV + loss path
+    speed = zero3_speed(config, rank)
+    packing = bool(config.get("packing"))
+    speed.update(packing=packing, max_seq=int(config["max_seq"]))
+    try:
+        net = apply_speed_options(model, speed)                # TrainStep: BlueLMV + decoder + loss path
+    except ValueError as exc:
+        raise ConfigError(f"train.stage{config['stage']}: {exc}") from None
     opt = config["optim"]
     groups = build_param_groups(model, trainable, opt["lr"], opt["weight_decay"], opt.get("layer_decay", 1.0))
     scales = [g.pop("lr_scale") for g in groups]
@@ -163,11 +232,9 @@ def train_stage(config: dict) -> None:
 
     tok = model.tokenizer
     data = config["data"]
-    ds = LlavaDataset(data["json"], data["image_root"], tiler, tok, model.tokens_per_crop,
-                      max_length=data["max_length"], system=data.get("system"), max_samples=data.get("max_samples"))
+    ds = dataset_rank0_first(config, tiler, tok, model.tokens_per_crop, rank, dist)
     micro, accum = int(config["micro_batch"]), int(config["grad_accum"])
-    plan = LengthGroupedPlan(ds.lengths, micro, world, rank, seed=int(config["seed"]),
-                             group_by_length=bool(data.get("group_by_length", True)))
+    plan = batch_plan(config, ds.lengths, world, rank)
     batches_per_epoch = plan.steps_per_epoch // accum
     total = int(config["steps"]) if config.get("steps") else max(1, int(float(config["epochs"]) * batches_per_epoch))
     warmup = warmup_steps_for(total, float(opt["warmup_ratio"]))
@@ -195,23 +262,22 @@ def train_stage(config: dict) -> None:
         lr = set_lr(engine.optimizer, float(opt["lr"]), scales,
                     lr_multiplier(step, total, warmup, float(opt.get("min_lr_ratio", 0.0))))
         t0 = time.perf_counter()
-        loss_sum, tokens, flops = torch.zeros((), dtype=torch.float64, device=device), 0, 0.0
+        loss_sum, tokens, computed, flops = torch.zeros((), dtype=torch.float64, device=device), 0, 0, 0.0
         for a in range(accum):
-            items = [ds[i] for i in plan.indices(step * accum + a)]
-            batch = collate(items, tok.pad_token_id)
+            batch = micro_batch(ds, plan.rows(step * accum + a), tok.pad_token_id, config, model.tokens_per_crop)
             # host tensors: TrainStep plans the image splice on the host and copies without syncs
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], images=batch["images"])
+            out = engine(**step_inputs(batch))
             engine.backward(out.loss)
             engine.step()
             loss_sum += out.loss.detach()                          # stays on the device: no sync per micro-step
             tokens += batch["llm_tokens"]
-            flops += flops_of(batch["crops"], [it["length"] for it in items])
+            computed += batch["computed_tokens"]
+            flops += flops_of(batch["crops"], batch["lengths"])
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         runtime_skipped = sum(ds.skipped.values()) - prescan_skipped
-        agg = torch.tensor([0.0, tokens, flops, runtime_skipped, dt], dtype=torch.float64, device=device)
+        agg = torch.tensor([0.0, tokens, flops, runtime_skipped, dt, computed], dtype=torch.float64, device=device)
         agg[0] = loss_sum / accum
         dist.all_reduce(agg)
         grad_norm = engine.get_global_grad_norm()
@@ -221,6 +287,7 @@ def train_stage(config: dict) -> None:
                 "tokens_per_s": agg[1].item() / step_time, "step_time_s": step_time,
                 "skipped": prescan_skipped + int(agg[3].item()),
                 "mfu": agg[2].item() / step_time / (peak * world), "epoch": (step * accum) // plan.steps_per_epoch,
+                "fill": agg[1].item() / max(1.0, agg[5].item()),
                 "resumed_from_step": resumed_from}
         if rank == 0 and relay is not None:
             relay.push.remote(last)
@@ -229,7 +296,8 @@ def train_stage(config: dict) -> None:
 
     # -- after the last step: checks, evaluation, exports, the final checkpoint -------------
     final = dict(last, total_steps=total, warmup_steps=warmup, world_size=world, peak_flops=peak,
-                 peak_source=peak_src, data=ds.summary(), resumed_from_step=resumed_from,
+                 peak_source=peak_src, data=ds.summary(), resumed_from_step=resumed_from, packing=packing,
+                 packed_fill=getattr(plan, "fill", None),
                  trainable_params={p: sum(full_numel(q) for q in getattr(model, p).parameters() if q.requires_grad)
                                    for p in ("encoder", "downsampler", "projector", "llm")})
     after = digests(engine, model, ("encoder", "llm"))

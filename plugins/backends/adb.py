@@ -1,13 +1,19 @@
 """``adb``: a real Android phone over the Android Debug Bridge.
 
-    backend: {name: adb, serial: R5CT1234ABC, runner: ./build/android/bluelm_runner,
-              model_dir: ./export/bluelm_v_npu}
+    backend: {name: adb, serial: R5CT1234ABC, python: /data/data/com.termux/files/usr/bin/python}
+    backend: {name: adb, runner: ./llama-mtmd-cli, model_dir: ./gguf, output_format: llama_cpp,
+              command: "cd {remote_dir} && ./{runner} -m {model_dir}/llm.gguf ..."}
 
-load():   finds the phone with ``adb devices -l`` (``serial: null`` takes the only one attached),
-          pushes ``model_dir`` and ``runner`` to ``remote_dir`` and marks the runner executable.
-run_case: runs ``command`` (a template, placeholders below) with ``adb shell``, samples the
-          runner's memory with ``dumpsys meminfo <process>`` while it runs, reads the thermal
-          state (``dumpsys thermalservice``) before and after, and parses the runner's output.
+Two ways to run a case, both through ``AdbTransport`` (the transport interface of transport.py):
+- the device runner (``runner: null``, the default): as the ssh backend does
+  (plugins/backends/device_runner.py): the export and bluelm_v/runner.py are pushed and run by
+  the phone's ``python`` (e.g. Termux's, with numpy, onnxruntime and Pillow installed);
+- a program you provide (``runner: PATH``, e.g. llama.cpp's own binaries): ``model_dir`` and
+  ``runner`` are pushed to ``remote_dir``; ``command`` (a template, placeholders below) runs
+  with ``adb shell`` while ``dumpsys meminfo <process>`` samples its memory; its output is
+  parsed in ``output_format``.
+Either way the phone is found with ``adb devices -l`` (``serial: null`` takes the only one
+attached) and the thermal state (``dumpsys thermalservice``) is read before and after a case.
 cool_down(s): waits at least ``s`` seconds and until the hottest sensor is below
           ``thermal_limit_c`` (or ``max_cool_down_s`` passes).
 
@@ -33,14 +39,20 @@ from pathlib import Path
 
 from bluelm_v.errors import ConfigError, InputError
 
+from .device_runner import RunnerBackend, parse_runner_kv
+from .transport import FACTS_COMMAND, Completed, TransportError, parse_facts
+
 DEFAULT_COMMAND = ("cd {remote_dir} && ./{runner} --model-dir {model_dir} --image {width}x{height} "
                    "--tiles-per-batch {tiles_per_batch} --prefill-chunk {prefill_chunk} "
                    "--prompt-tokens {prompt_tokens} --decode-tokens {decode_tokens} "
                    "--quantizer {quantizer} --pipelined {pipelined}")
 
 
-class AdbError(InputError):
+class AdbError(TransportError):
     """adb failed or a device is not usable (the message says which and what to do)."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message, retryable)
 
 
 # -- parsing (pure functions; tested on recorded outputs in tests/data/adb/) --------------------
@@ -56,7 +68,7 @@ def parse_devices(text: str) -> list[AdbDeviceEntry]:
     out = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith("*") or line.lower().startswith("list of devices"):
+        if not line or line.startswith(("*", "#")) or line.lower().startswith("list of devices"):
             continue
         parts = line.split()
         if len(parts) < 2:
@@ -116,18 +128,6 @@ def parse_thermal(text: str) -> dict:
             "max_c": max((s["celsius"] for s in sensors), default=None), "by_type": by_type, "sensors": sensors}
 
 
-def parse_runner_kv(text: str) -> dict:
-    """``bluelm_v.<key>=<value>`` lines -> metrics (numbers where they parse)."""
-    out: dict = {}
-    for m in re.finditer(r"^bluelm_v\.([A-Za-z0-9_]+)=(.*)$", text, re.M):
-        value = m.group(2).strip()
-        try:
-            out[m.group(1)] = float(value) if re.fullmatch(r"[-+]?[\d.]+(e[-+]?\d+)?", value, re.I) else value
-        except ValueError:
-            out[m.group(1)] = value
-    return out
-
-
 def parse_llama_cpp(text: str) -> dict:
     """llama.cpp timing lines -> {load_s, prefill_s, prompt_tokens, decode_tokens_per_s, encode_s}."""
     out: dict = {}
@@ -164,6 +164,9 @@ class Adb:
         return [self.adb_path, *(["-s", self.serial] if self.serial else []), *args]
 
     def call(self, *args: str, timeout: float | None = None, check: bool = True) -> str:
+        return self.complete(*args, timeout=timeout, check=check).stdout
+
+    def complete(self, *args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
         argv = self.argv(*args)
         try:
             done = self.execute(argv, timeout or self.timeout_s)
@@ -171,11 +174,14 @@ class Adb:
             raise AdbError(f"adb not found ('{self.adb_path}'): install Android platform-tools "
                            f"(apt-get install adb) or set backend.adb_path to the adb binary") from None
         except subprocess.TimeoutExpired:
-            raise AdbError(f"'{shlex.join(argv)}' did not finish in {timeout or self.timeout_s:.0f} s") from None
+            raise AdbError(f"'{shlex.join(argv)}' did not finish in {timeout or self.timeout_s:.0f} s", True) from None
+        if done.returncode != 0 and re.search(r"device '.*' not found|no devices/emulators|device offline",
+                                              done.stderr or ""):
+            raise AdbError(f"'{shlex.join(argv)}': the phone went away ({done.stderr.strip()[-200:]})", True)
         if check and done.returncode != 0:
             raise AdbError(f"'{shlex.join(argv)}' failed (exit {done.returncode}): "
                            f"{(done.stderr or done.stdout).strip()[-500:]}")
-        return done.stdout
+        return done
 
     def shell(self, command: str, **kw) -> str:
         return self.call("shell", command, **kw)
@@ -207,35 +213,78 @@ class Adb:
         return ready[0].serial
 
 
-class AdbBackend:
-    """A real Android phone: push model + runner, run cases, parse output, read memory/thermal."""
+class AdbTransport:
+    """The transport interface (transport.py) over adb: push, shell with a timeout, pull, facts."""
 
-    kind = "real"
+    name = "adb"
+
+    def __init__(self, adb: Adb):
+        self.adb = adb
+
+    def connect(self) -> None:
+        self.adb.serial = self.adb.choose()
+
+    def push(self, local: str, remote: str) -> None:
+        self.adb.call("push", str(local), remote)
+
+    def pull(self, remote: str, local: str) -> None:
+        self.adb.call("pull", remote, str(local))
+
+    def run(self, command: str, timeout: float) -> Completed:
+        done = self.adb.complete("shell", command, timeout=timeout, check=False)
+        return Completed(done.returncode, done.stdout or "", done.stderr or "")
+
+    def facts(self) -> dict:
+        out = parse_facts(self.adb.shell(FACTS_COMMAND, check=False, timeout=60))
+        out.update({"model": self.adb.shell("getprop ro.product.model", check=False).strip(),
+                    "soc": self.adb.shell("getprop ro.soc.model", check=False).strip(),
+                    **parse_meminfo_device(self.adb.shell("dumpsys meminfo", check=False))})
+        thermal = self.thermal()
+        if thermal["max_c"] is not None:
+            out["temperature_c"] = thermal["max_c"]
+        return out
+
+    def thermal(self) -> dict:
+        return parse_thermal(self.adb.shell("dumpsys thermalservice", check=False))
+
+    def close(self) -> None:
+        pass
+
+
+class AdbBackend(RunnerBackend):
+    """A real Android phone: the device runner (or a program you provide) over adb."""
 
     def __init__(self, serial: str | None = None, adb_path: str = "adb", runner: str | None = None,
                  model_dir: str | None = None, remote_dir: str = "/data/local/tmp/bluelm_v",
                  command: str = DEFAULT_COMMAND, output_format: str = "kv", process_name: str | None = None,
                  thermal_limit_c: float = 42.0, max_cool_down_s: float = 300.0,
-                 memory_poll_s: float = 0.5, timeout_s: float = 900.0, push: bool = True):
+                 memory_poll_s: float = 0.5, timeout_s: float = 900.0, push: bool = True,
+                 python: str = "python3", threads: int = 0, opset: int = 17, export_dir: str | None = None):
         if output_format not in PARSERS:
             raise ValueError(f"output_format must be one of {sorted(PARSERS)}")
         self.adb = Adb(adb_path, serial, timeout_s=timeout_s)
-        self.runner, self.model_dir, self.remote_dir = runner, model_dir, remote_dir.rstrip("/")
-        self.command, self.output_format, self.push = command, output_format, push
+        super().__init__(AdbTransport(self.adb), python=python, remote_dir=remote_dir, threads=threads, opset=opset,
+                         export_dir=export_dir, timeout_s=timeout_s, push=push)
+        self.runner, self.model_dir = runner, model_dir
+        self.command, self.output_format = command, output_format
         self.process_name = process_name or (os.path.basename(runner) if runner else None)
         self.thermal_limit_c, self.max_cool_down_s, self.memory_poll_s = thermal_limit_c, max_cool_down_s, memory_poll_s
         self.info: dict = {}
 
     # -- set-up ----------------------------------------------------------------------------
     def check_local_files(self) -> None:
-        if not self.runner:
-            raise ConfigError("backend.runner: the adb backend needs a runner program to push (a path on this host)")
         for key, path in (("runner", self.runner), ("model_dir", self.model_dir)):
             if path and not Path(path).exists():
                 raise InputError(f"backend.{key}: {path} does not exist")
 
     def load(self, cfg=None, registry=None) -> dict:
-        self.adb.serial = self.adb.choose()
+        if self.runner is None:
+            if cfg is None:
+                raise ConfigError("backend.runner: without a program of your own the adb backend runs the device "
+                                  "runner, which needs the model config")
+            self.info = super().load(cfg, registry)
+            return dict(self.info)
+        self.transport.connect()
         self.check_local_files()
         t0 = time.perf_counter()
         if self.push:
@@ -251,10 +300,14 @@ class AdbBackend:
         return dict(self.info)
 
     def describe(self) -> dict:
-        return {"backend": "adb", "kind": self.kind, **self.info}
+        base = super().describe() if self.runner is None else {"backend": "adb", "kind": self.kind,
+                                                               "compute_unit": "cpu", "runtime": self.process_name}
+        return {**base, "backend": "adb", **{k: v for k, v in self.info.items() if k != "device"}}
 
     # -- one case --------------------------------------------------------------------------
-    def command_for(self, case: dict) -> str:
+    def command_for(self, case: dict, grid=None, int8=()) -> str:
+        if self.runner is None:
+            return super().command_for(case, grid, int8)
         from ..quantizers import quantizer_label
 
         w, h = case["image"]
@@ -270,12 +323,16 @@ class AdbBackend:
             raise ConfigError(f"backend.command: unknown placeholder {exc}; known: {sorted(values)}") from None
 
     def thermal(self) -> dict:
-        return parse_thermal(self.adb.shell("dumpsys thermalservice", check=False))
+        return self.transport.thermal()
 
     def process_memory(self) -> dict:
         return parse_meminfo_process(self.adb.shell(f"dumpsys meminfo {self.process_name}", check=False, timeout=30))
 
     def run_case(self, case: dict) -> dict:
+        if self.runner is None:
+            metrics = super().run_case(case)
+            metrics["thermal_status"] = self.thermal()["status"]
+            return metrics
         before = self.thermal()
         peak = {"pss_mb": None, "rss_mb": None}
         stop = threading.Event()
@@ -304,7 +361,7 @@ class AdbBackend:
             raise AdbError(f"the runner printed no metrics in the '{self.output_format}' format; "
                            f"last output: {output.strip()[-300:]!r}")
         after = self.thermal()
-        metrics.setdefault("peak_memory_mb", peak["pss_mb"] or peak["rss_mb"])
+        metrics.setdefault("peak_memory_mb", metrics.get("peak_rss_mb") or peak["pss_mb"] or peak["rss_mb"])
         metrics.update({"wall_s": wall, "thermal_before_c": before["max_c"], "thermal_after_c": after["max_c"],
                         "thermal_status": after["status"], "sampled_peak_pss_mb": peak["pss_mb"]})
         return metrics
@@ -318,6 +375,3 @@ class AdbBackend:
             time.sleep(5.0)
             state = self.thermal()
         return {"cooled_s": seconds + time.perf_counter() - t0, "thermal_c": state["max_c"]}
-
-    def close(self) -> None:
-        pass

@@ -26,6 +26,7 @@ from bluelm_v.errors import ConfigError
 
 from .inputs import PeakSampler, prompt_for, synthetic_image
 from .precision import precision_plan
+from ..quantizers import quantizer_nodes as _nodes
 
 UNSET = object()
 
@@ -88,6 +89,7 @@ class LocalTorch:
         import torch
 
         return {"backend": "local_torch", "kind": self.kind, "device": self._torch_device(),
+                "compute_unit": "gpu" if self._torch_device() == "cuda" else "cpu", "runtime": "torch",
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                 "threads": torch.get_num_threads()}
 
@@ -127,7 +129,7 @@ class LocalTorch:
             "prefill_tokens_per_s": emb.shape[1] / max(t_first - t_pre, 1e-9), "ttft_s": t_first - t0,
             "decode_tokens": len(out),
             "decode_tokens_per_s": (len(out) - 1) / (t_end - t_first) if len(out) > 1 else None,
-            "peak_memory_mb": mem.peak_mb, "engine": gen.engine.name, "simulated": False,
+            "peak_memory_mb": mem.peak_mb, "engine": gen.engine.name, "tokens": out, "simulated": False,
         }
         if self.check_outputs:
             try:
@@ -175,16 +177,6 @@ class LocalTorch:
             self.gen.close()
         self.gen = self.model = None
         self._variant = UNSET
-
-
-def _nodes(quantizer) -> list:
-    if quantizer is None:
-        return []
-    if hasattr(quantizer, "_metadata"):
-        from omegaconf import OmegaConf
-        quantizer = OmegaConf.to_container(quantizer, resolve=True)
-    nodes = quantizer if isinstance(quantizer, (list, tuple)) else [quantizer]
-    return [{"name": n} if isinstance(n, str) else n for n in nodes]
 
 
 def _key(quantizer) -> str:

@@ -17,7 +17,9 @@ rewrites it, the AV product reads it). NPU graphs have static shapes: a prefill 
 ``chunk`` rows (the last one padded) and attends over the whole KV buffer.
 
 The patch-embedding Conv2D runs on the CPU at ``cpu_conv_gflops``; with pipelining, the conv of
-tile group k+1 overlaps the NPU call of group k (an exact two-resource schedule, below).
+tile group k+1 overlaps the NPU call of group k (an exact two-resource schedule, below), of which
+``pipeline_overlap`` (0..1, a measured fraction) is realised: encode = serial - overlap x (serial -
+ideal schedule). 1 is two independent units; 0 is what one shared unit shows (a GPU, one CPU).
 None of this knows about particular tile counts or chunk sizes: optima come out of the sums.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class NpuProfile:
     call_overhead_ms: float = 2.0           # per graph execution (dispatch, sync, I/O)
     on_chip_mb: float = 8.0                 # activation memory on chip
     cpu_conv_gflops: float = 25.0           # patch-embedding Conv2D on the CPU
+    pipeline_overlap: float = 1.0           # fraction of the ideal conv/ViT overlap realised
     storage_read_gbps: float = 3.5          # model load from flash (UFS)
     runtime_base_mb: float = 150.0          # the runtime process itself (peak memory)
 
@@ -169,8 +172,9 @@ class CostModel:
             npu_free = max(npu_free, cpu_free) + v
         project = self.call_time(self.projector_call(proj_linears, tokens_out * tiles, prec))
         serial = sum(conv) + sum(vit)
-        return {"encode_s": npu_free + project, "vit_calls_s": vit, "conv_s": sum(conv),
-                "project_s": project, "groups": groups, "hidden_by_pipeline_s": serial - npu_free}
+        hidden = min(self.p.pipeline_overlap, 1.0) * (serial - npu_free)
+        return {"encode_s": serial - hidden + project, "vit_calls_s": vit, "conv_s": sum(conv),
+                "project_s": project, "groups": groups, "hidden_by_pipeline_s": hidden}
 
     def prefill(self, llm, prompt_tokens: int, chunk: int, kv_len: int, prec: Precision, kv_bits: int) -> dict:
         calls = math.ceil(prompt_tokens / chunk)

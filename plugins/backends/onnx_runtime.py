@@ -3,7 +3,11 @@
     backend: {name: onnxruntime, opset: 17, threads: 0, export_dir: null}
 
 This is the route a phone NPU SDK takes: export, (quantise), compile for fixed shapes, run.
-Graphs (plugins/backends/onnx_export.py), exported on first use and cached per shape:
+The graphs form the versioned export the device runner reads (plugins/backends/export.py), and
+cases run through the runner's own pipeline (bluelm_v/runner.py: preprocessing, vision calls,
+splice, chunked prefill, decode), so this backend measures in-process exactly what the ssh and
+adb backends run on a device. Graphs (plugins/backends/onnx_export.py), exported on first use
+and cached per shape:
   vision_b{B}      encoder + downsampler + projector for exactly B = tiles_per_batch tiles
                    (a last, smaller group is zero-padded to B, as a fixed-shape NPU graph needs)
   llm_r{R}_m{M}    one LLM step of R rows over a static KV buffer of M positions: R = the
@@ -21,13 +25,13 @@ last-position prefill logits, and the greedy tokens (``check_*`` fields; ``check
 """
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 from .inputs import PeakSampler, prompt_for, synthetic_image
 from .precision import precision_plan
+from ..quantizers import quantizer_nodes
 
 
 class OnnxRuntimeBackend:
@@ -39,130 +43,72 @@ class OnnxRuntimeBackend:
                  check_outputs: bool = True, check_rtol: float = 1e-3, check_rtol_quantized: float = 0.1):
         self.opset, self.threads, self.export_dir = int(opset), int(threads), export_dir
         self.check_outputs, self.check_rtol, self.check_rtol_q = check_outputs, check_rtol, check_rtol_quantized
-        self.sessions: dict = {}
-        self.model = None
+        self.model = self.pipeline = None
 
     def load(self, cfg, registry) -> dict:
-        import torch
+        import onnxruntime
 
         from bluelm_v.model import BlueLMV
+        from bluelm_v.runner import Pipeline
+
+        from .export import Export
 
         t0 = time.perf_counter()
         self._tmp = None if self.export_dir else tempfile.TemporaryDirectory(prefix="bluelm_v_onnx_")
         self.dir = Path(self.export_dir or self._tmp.name)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
         self.model = BlueLMV.from_config(cfg, registry).float().eval()
         self.hf = self.model.llm.model
-        self.table = self.hf.get_input_embeddings().weight.detach().float().numpy()   # [V, D]
-        torch.manual_seed(0)
+        self.export = Export(self.model, self.dir, self.opset)
+        self.pipeline = Pipeline(str(self.dir), self.threads)
         self.load_s = time.perf_counter() - t0
-        import onnxruntime
         return {"load_s": self.load_s, "onnxruntime": onnxruntime.__version__, "export_dir": str(self.dir)}
 
     def describe(self) -> dict:
         import onnxruntime
 
         return {"backend": "onnxruntime", "kind": self.kind, "provider": "CPUExecutionProvider",
-                "onnxruntime": onnxruntime.__version__, "opset": self.opset}
-
-    # -- graphs ----------------------------------------------------------------------------
-    def _session(self, name: str, export, int8: bool):
-        import onnxruntime as ort
-
-        key = (name, int8)
-        if key not in self.sessions:
-            t0 = time.perf_counter()
-            path = self.dir / f"{name}.onnx"
-            if not path.exists():
-                export(path)
-            if int8:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-                qpath = self.dir / f"{name}.int8.onnx"
-                if not qpath.exists():
-                    logging.disable(logging.WARNING)     # it logs every tensor it cannot infer
-                    try:
-                        quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8)
-                    finally:
-                        logging.disable(logging.NOTSET)
-                path = qpath
-            opts = ort.SessionOptions()
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            self.sessions[key] = (session, time.perf_counter() - t0)
-        return self.sessions[key]
-
-    def _vision(self, tiles: int, int8: bool):
-        from .onnx_export import export_vision
-        return self._session(f"vision_b{tiles}", lambda p: export_vision(self.model, tiles, p, self.opset), int8)
-
-    def _llm(self, rows: int, max_len: int, int8: bool):
-        from .onnx_export import export_llm_step
-        return self._session(f"llm_r{rows}_m{max_len}", lambda p: export_llm_step(self.hf, rows, max_len, p, self.opset), int8)
+                "compute_unit": "cpu", "onnxruntime": onnxruntime.__version__, "opset": self.opset}
 
     # -- one case --------------------------------------------------------------------------
     def run_case(self, case: dict) -> dict:
-        import numpy as np
         import torch
 
+        refuse_unsupported(self.registry, case.get("quantizer"))
+
         from bluelm_v import chat
+        from bluelm_v.runner import cache_length, crop_count, preprocess, read_manifest
 
         plan = precision_plan(case.get("quantizer"))
         v8, l8 = plan["encoder"].weight_bits < 16, plan["llm"].weight_bits < 16
         tpb, chunk, n_new = int(case["tiles_per_batch"]), int(case["prefill_chunk"]), int(case["decode_tokens"])
+        int8 = tuple(p for p, q in (("vision", v8), ("llm", l8)) if q)
         image = synthetic_image(*case["image"], seed=int(case.get("seed") or 0))
-        crops = self.model.tiler.transform(image)
-        pixels = crops.pixels.float().numpy()                                   # [K,3,S,S]
+        grid = self.model.tiler.select(*image.size)
+        spec = self.export.manifest["preprocess"]
+        visual = crop_count(grid, spec) * self.model.tokens_per_crop
         tok = self.model.tokenizer
-        prompt, _ = prompt_for(lambda p: len(chat.prompt_ids(tok, p)), crops.n_crops * self.model.tokens_per_crop,
-                               int(case["prompt_tokens"]))
+        prompt, length = prompt_for(lambda p: len(chat.prompt_ids(tok, p)), visual, int(case["prompt_tokens"]))
         ids = chat.prompt_ids(tok, prompt)
-        length = len(ids) - 1 + crops.n_crops * self.model.tokens_per_crop    # the sentinel becomes K*T'
-        max_len = -(-length // chunk) * chunk + max(n_new, 1)
-        graphs = [self._vision(tpb, v8), self._llm(chunk, max_len, l8), self._llm(1, max_len, l8)]
-        (vision, _), (prefill, _), (decode, _) = graphs     # exported + compiled outside the timed region
+        made = self.export.ensure(tpb, chunk, cache_length(length, chunk, n_new), int8)
+        if made:                                          # the runner's pipeline reads the grown manifest
+            self.pipeline.manifest = read_manifest(str(self.dir))
+        before = self.pipeline.load_s
+        self.pipeline.prepare(tpb, chunk, cache_length(length, chunk, n_new), int8)   # outside the timed part
+        self.load_s += self.pipeline.load_s - before + sum(self.export.made_s.pop(f) for f in made)
         with PeakSampler() as mem:
             t0 = time.perf_counter()
-            groups = []
-            for s in range(0, len(pixels), tpb):
-                g = pixels[s:s + tpb]
-                pad = np.zeros((tpb - len(g),) + g.shape[1:], np.float32)
-                out = vision.run(None, {"pixels": np.concatenate([g, pad]) if len(pad) else g})[0]
-                groups.append(out[: len(g) * self.model.tokens_per_crop])     # [g*T', D]
-            features = np.concatenate(groups)                                 # [K*T', D]
-            t_enc = time.perf_counter()
+            pixels = preprocess(image, grid, spec)                                   # [K,3,S,S]
+            out = self.pipeline.run(pixels, ids, tpb, chunk, n_new, int8, started=t0)
+        tokens = out.pop("tokens")
+        features, first_logits = out.pop("features"), out.pop("first_logits")
+        metrics = {**out, "grid": "{}:{}".format(*grid), "load_s": self.load_s, "peak_memory_mb": mem.peak_mb,
+                   "ort_weights": {"vision": "int8" if v8 else "fp32", "llm": "int8" if l8 else "fp32"},
+                   "tokens": tokens, "text": self.pipeline.decode_text(tokens), "simulated": False}
+        if self.check_outputs:
             with torch.no_grad():
                 embeds = self.model.splice(torch.tensor([ids]), [torch.from_numpy(features)]).embeds.numpy()
-            assert embeds.shape[1] == length, (embeds.shape, length)
-            t_pre = time.perf_counter()
-            padded = np.zeros((1, max_len - max(n_new, 1), embeds.shape[2]), np.float32)
-            padded[:, :length] = embeds
-            shape = tuple(prefill.get_inputs()[1].shape)                      # [L, KV, M, d]
-            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            for s in range(0, length, chunk):
-                last = min(length - 1 - s, chunk - 1)
-                logits, k, v = prefill.run(None, {"embeds": padded[:, s:s + chunk], "k_cache": k, "v_cache": v,
-                                                  "start": np.array([s]), "last": np.array([last])})
-            token = int(logits[0].argmax())
-            t_first = time.perf_counter()
-            tokens, first_logits = [token], logits[0]
-            for pos in range(length, length + n_new - 1):
-                logits, k, v = decode.run(None, {"embeds": self.table[token][None, None], "k_cache": k, "v_cache": v,
-                                                 "start": np.array([pos]), "last": np.array([0])})
-                token = int(logits[0].argmax())
-                tokens.append(token)
-            t_end = time.perf_counter()
-        metrics = {"grid": "{}:{}".format(*crops.grid), "crops": crops.n_crops, "visual_tokens": len(features),
-                   "prompt_tokens": length, "load_s": self.load_s + sum(s for _, s in graphs), "encode_s": t_enc - t0,
-                   "prefill_s": t_first - t_pre, "prefill_tokens_per_s": length / max(t_first - t_pre, 1e-9),
-                   "ttft_s": t_first - t0, "decode_tokens": len(tokens),
-                   "decode_tokens_per_s": (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 else None,
-                   "peak_memory_mb": mem.peak_mb, "ort_weights": {"vision": "int8" if v8 else "fp32",
-                                                                  "llm": "int8" if l8 else "fp32"},
-                   "simulated": False}
-        if self.check_outputs:
-            metrics.update(self._check(crops.pixels, features, embeds, first_logits, tokens, v8 or l8))
+            metrics.update(self._check(torch.from_numpy(pixels), features, embeds, first_logits, tokens, v8 or l8))
         return metrics
 
     def _check(self, pixels, features, embeds, logits, tokens, quantized: bool) -> dict:
@@ -189,7 +135,26 @@ class OnnxRuntimeBackend:
                 "check_tokens_match": sum(a == b for a, b in zip(tokens, ref_tokens)) / len(tokens), "check_ok": ok}
 
     def close(self) -> None:
-        self.sessions.clear()
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.sessions.clear()
         if getattr(self, "_tmp", None) is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+UNSUPPORTED = {"a16": "INT16 activation rounding", "kv8": "an INT8 KV cache"}
+
+
+def refuse_unsupported(registry, quantizer) -> None:
+    """ConfigError when the case's quantizer asks for what these graphs do not run (a16, kv8):
+    the graphs keep fp32 activations and an fp32 KV buffer, so the setting would be ignored."""
+    from bluelm_v.errors import ConfigError
+
+    for node in quantizer_nodes(quantizer):
+        q = registry.create_from_config("quantizer", node, "case.quantizer")
+        for step in getattr(q, "steps", [q]):
+            if step.name in UNSUPPORTED:
+                raise ConfigError(f"backend onnxruntime cannot run quantizer setting {step.name} "
+                                  f"({UNSUPPORTED[step.name]}; from quantizer '{q.name}'): its graphs keep "
+                                  f"fp32 activations and KV buffers. Use backend local_torch for it, or a "
+                                  f"quantizer without {step.name}")

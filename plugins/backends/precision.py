@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from bluelm_v.errors import ConfigError
 
+from ..quantizers import quantizer_nodes
+
 from .npu_cost import Precision
 
 FP16 = Precision(16, 16, True)
@@ -77,10 +79,7 @@ def _explicit(plan: dict, spec: dict) -> dict:
 def precision_plan(setting) -> dict:
     """A case's quantizer setting (None, a name, a node {name, ...}, or a list of them) -> plan."""
     plan = {"encoder": FP16, "projector": FP16, "llm": FP16, "kv_bits": 16}
-    if setting is None:
-        return plan
-    for node in setting if isinstance(setting, (list, tuple)) else [setting]:
-        node = {"name": node} if isinstance(node, str) else dict(node)
+    for node in quantizer_nodes(setting):
         name = node.get("name")
         if "precision" in node:
             plan = _explicit(plan, dict(node["precision"]))

@@ -51,6 +51,11 @@ def load_profile(spec) -> tuple[str, NpuProfile]:
 
 
 def _named_profile(name: str) -> dict:
+    return named_node(name, "profile")
+
+
+def named_node(name: str, key: str = "profile") -> dict:
+    """The ``key`` mapping (``profile``) of conf/backend/NAME.yaml."""
     import yaml
 
     path = resources.files("bluelm_v.conf") / "backend" / f"{name}.yaml"
@@ -58,9 +63,9 @@ def _named_profile(name: str) -> dict:
         known = sorted(p.name[:-5] for p in (resources.files("bluelm_v.conf") / "backend").iterdir()
                        if p.name.endswith(".yaml") and isinstance((yaml.safe_load(p.read_text()) or {}).get("profile"), dict))
         raise ConfigError(f"backend.profile: no NPU profile '{name}' (conf/backend/{name}.yaml); known: {known}")
-    node = (yaml.safe_load(path.read_text()) or {}).get("profile")
+    node = (yaml.safe_load(path.read_text()) or {}).get(key)
     if not isinstance(node, dict):
-        raise ConfigError(f"backend.profile: conf/backend/{name}.yaml has no 'profile' mapping")
+        raise ConfigError(f"backend.profile: conf/backend/{name}.yaml has no '{key}' mapping")
     return {k: v for k, v in node.items() if k not in ("base", "label")}
 
 
@@ -95,7 +100,8 @@ class SimulatedNpu:
                 "llm_params": self.shapes["llm"].total_params}
 
     def describe(self) -> dict:
-        return {"backend": "simulated_npu", "kind": self.kind, "profile": self.profile_name,
+        return {"backend": "simulated_npu", "kind": self.kind, "compute_unit": "npu (simulated)",
+                "runtime": "cost model", "profile": self.profile_name,
                 "profile_values": self.profile.to_dict(), "model": self.model_source}
 
     # -- one case --------------------------------------------------------------------------

@@ -10,6 +10,8 @@
     nxt = eng.step(token_id)                              # one greedy decode step (t1)
     toks = eng.steps(token_id, n)                         # n steps (CUDA graphs: queued, read once)
     eng.decode_chunk, eng.length, eng.cache, eng.device, eng.name, eng.cache_bytes
+    eng.begin_batch(rows, max_len); eng.prefill_batch(embeds, chunk); eng.steps_batch(rows, tokens, n)
+                                                          # batches of sequences (batch_api.py)
 
 Engines (the modules beside this one; torch is imported only when one is created):
   hf      the model's own forward with a DynamicCache (any transformers causal LM)
@@ -17,23 +19,32 @@ Engines (the modules beside this one; torch is imported only when one is created
           C-helper CPU path (fast_cpu.py) for fp32 on CPU
   triton  TritonDecodeEngine: the fast engine with the decode step as Triton kernels (CUDA)
   auto    fast where the model is Llama-family and supported, else hf
+
+Quantizer settings: hf, fast and auto honour every one the model carries (w4/w8 layers run as
+modules, a16 activation rounding hooks run, kv8 gives an INT8 cache). triton runs plain, w4 and
+w8 weights (its quantised GEMVs unpack them: triton_quant.py); a16 and kv8 (or any model its
+kernels cannot take) are refused with one line naming the setting, never run silently on another
+step.
 """
 from __future__ import annotations
 
 from bluelm_v import hookimpl
 
+# Factories are named *_engine: a function named like a module beside it (hf.py, fast.py) would
+# be replaced by that module as a package attribute once the module is imported.
+
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ATTENTION = ("sdpa", "matmul")
 
 
-def hf(model):
+def hf_engine(model):
     """Any transformers causal LM: its own forward with a DynamicCache, chunk by chunk."""
     from .hf import HFEngine
 
     return HFEngine(model)
 
 
-def fast(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
+def fast_engine(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
          attention: str = "sdpa", cpu_half_kv: bool = True):
     """Lean Llama-family forward: static KV cache, fused q|k|v and gate|up, CUDA-graph decode step,
     C helpers on CPU (``cpu_half_kv``: decode attention over an fp16 mirror of the cache)."""
@@ -48,7 +59,7 @@ def fast(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = Fals
                            attention=attention, cpu_half_kv=cpu_half_kv)
 
 
-def auto(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
+def auto_engine(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
          attention: str = "sdpa", cpu_half_kv: bool = True):
     """``fast`` for Llama-family models it supports, else ``hf``."""
     from .fast import FastLlamaEngine
@@ -56,7 +67,7 @@ def auto(model, fuse: bool = True, cuda_graph: bool = True, compile: bool = Fals
     if getattr(model.config, "model_type", "") in FAST_MODEL_TYPES and FastLlamaEngine.supports(model):
         return FastLlamaEngine(model, fuse=fuse, cuda_graph=cuda_graph, compile=compile,
                                attention=attention, cpu_half_kv=cpu_half_kv)
-    return hf(model)
+    return hf_engine(model)
 
 
 def triton_unavailable() -> str | None:
@@ -73,14 +84,27 @@ def triton_unavailable() -> str | None:
     return None
 
 
-def triton(model, tune: bool = True, tune_budget_s: float = 150.0, pdl: bool = True,
+def triton_engine(model, tune: bool = True, tune_budget_s: float = 150.0, pdl: bool = True,
            prefetch: bool = True, configs: dict | None = None, fuse: bool = True):
     """The fast engine with its decode step as one CUDA graph of Triton kernels (5-6 a layer),
     block shapes tuned per call site at the first decode (``tune``)."""
+    from bluelm_v.errors import ConfigError
+    from bluelm_v.plugins.quantizers.schemes import applied_settings, describe_settings
+
     from .triton_step import TritonDecodeEngine
 
-    return TritonDecodeEngine(model, configs=configs, tune=tune, tune_budget_s=tune_budget_s,
-                              pdl=pdl, prefetch=prefetch, fuse=fuse)
+    refused = {k: v for k, v in applied_settings(model).items() if k not in ("w4", "w8")}
+    if refused:
+        raise ConfigError(f"engine=triton cannot honour quantizer setting(s) {describe_settings(refused)}: "
+                          "its Triton decode step runs plain, w4 or w8 weights and an fp KV cache only; use "
+                          "engine=fast (or auto) with this quantizer, or quantizer=none with engine=triton")
+    engine = TritonDecodeEngine(model, configs=configs, tune=tune, tune_budget_s=tune_budget_s,
+                                pdl=pdl, prefetch=prefetch, fuse=fuse)
+    if not engine.triton_ok:
+        raise ConfigError(f"engine=triton cannot run this LLM ({type(model).__name__}, {engine.dtype}, head_dim "
+                          f"{engine.head_dim}) as Triton kernels: they need bias-free Llama layers (plain, or w4/w8 "
+                          "with fp32 activations), fp32/bf16/fp16 and a power-of-two head_dim; use engine=fast")
+    return engine
 
 
 def make_engine(model, kind: str = "auto", **options):
@@ -95,8 +119,8 @@ def make_engine(model, kind: str = "auto", **options):
 @hookimpl
 def bluelm_v_register(registry):
     fast_choices = {"attention": ATTENTION}
-    registry.engine.register("auto", auto, choices=fast_choices)
-    registry.engine.register("hf", hf)
-    registry.engine.register("fast", fast, choices=fast_choices)
-    registry.engine.register("triton", triton, ranges={"tune_budget_s": (0, None)},
+    registry.engine.register("auto", auto_engine, choices=fast_choices)
+    registry.engine.register("hf", hf_engine)
+    registry.engine.register("fast", fast_engine, choices=fast_choices)
+    registry.engine.register("triton", triton_engine, ranges={"tune_budget_s": (0, None)},
                              requires=triton_unavailable)

@@ -9,7 +9,8 @@ What makes it fast (and what the GPU decode rows of bench/bench_gpu.py measure):
   * a fixed-shape decode step (whole static cache + additive position mask, token and position
     in device buffers): on CUDA it is captured once as a CUDA graph and replayed per token;
     ``compile=True`` additionally compiles the per-layer function with torch.compile
-Quantised projections (any module that is not exactly nn.Linear) are simply called.
+Quantised projections (any module that is not exactly nn.Linear) and layers with forward hooks
+(the ``a16`` activation rounding) are called as modules, never read as raw weights.
 On CPU in fp32 (fp32 static cache, a C compiler present) ``forward`` takes the C-helper path of
 plugins/engines/fast_cpu.py instead (RMSNorm / RoPE+cache write / SiLU / decode attention in C,
 quantised q|k|v and gate|up fused, a w4/w8 decode step as direct kernel calls). Prefill computes
@@ -21,32 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from bluelm_v.model import model_dtype_device
+from bluelm_v.nn.fusion import fuse_linears as _fuse
+from bluelm_v.nn.fusion import hooked
 from bluelm_v.nn.kv_cache import allocate_static
 from bluelm_v.nn.llama import RMSNORM_CLASSES
 
+from .batch_api import BatchAPI
 from .hf import one_at_a_time
-
-def _fuse(module, names):
-    """Concatenate plain nn.Linear weights into one tensor and make each a view of it."""
-    mods = [getattr(module, n, None) for n in names]
-    if any(type(m) is not torch.nn.Linear for m in mods):
-        return None
-    ws = [m.weight for m in mods]
-    if any(w.device != ws[0].device or w.dtype != ws[0].dtype for w in ws):
-        return None
-    if any(m.bias is not None for m in mods) and not all(m.bias is not None for m in mods):
-        return None
-    with torch.no_grad():
-        weight = torch.cat([w.detach() for w in ws])                   # [sum(out), in]
-        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-    start = 0
-    for m in mods:
-        n = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=m.weight.requires_grad)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias[start:start + n], requires_grad=m.bias.requires_grad)
-        start += n
-    return weight, bias
 
 
 def attend(q, k, v, mask, scaling: float):
@@ -84,7 +66,7 @@ def plain_layer(x, cos, sin_s, positions, mask, kc, vc, w_in, w_qkv, w_o, w_post
     return x.view(1, t, big)
 
 
-class FastLlamaEngine:
+class FastLlamaEngine(BatchAPI):
     """See the module docstring. API: begin(max_len), prefill(embeds, chunk) -> [V], step(token)."""
 
     name = "fast"
@@ -100,7 +82,8 @@ class FastLlamaEngine:
             not hasattr(a, "q_norm") and getattr(hf_model.config, "sliding_window", None) in (None, 0)
 
     def __init__(self, hf_model, fuse: bool = True, cuda_graph: bool = True, compile: bool = False,
-                 attention: str = "sdpa", static_step: bool = False, cpu_half_kv: bool = True):
+                 attention: str = "sdpa", static_step: bool = False, cpu_half_kv: bool = True,
+                 batch_attention: str = "auto"):
         base, cfg = hf_model.model, hf_model.config
         self.cpu_half_kv = cpu_half_kv     # CPU decode attention over an fp16 mirror of the cache
         self.model, self.base = hf_model, base
@@ -131,6 +114,7 @@ class FastLlamaEngine:
         self.static_step = static_step or self.use_graph
         self._graph = None
         self._step_layer_fn = plain_layer
+        self.batch_attention = batch_attention   # batched decode attention: auto | sdpa | triton
         self._cpu = None      # the C-helper CPU forward (fast_cpu.py), fp32 on CPU only
         if self.device.type == "cpu" and self.dtype == torch.float32 and attention == "sdpa" and not compile:
             from bluelm_v.plugins.engines.fast_cpu import CpuPath
@@ -151,6 +135,7 @@ class FastLlamaEngine:
         if self.qkv[i] is None or self.gate_up[i] is None or self.qkv[i][1] is not None or \
                 self.gate_up[i][1] is not None or any(type(n).__name__ not in RMSNORM_CLASSES for n in norms) or \
                 type(a.o_proj) is not torch.nn.Linear or type(m.down_proj) is not torch.nn.Linear or \
+                hooked(a.o_proj) or hooked(m.down_proj) or \
                 a.o_proj.bias is not None or m.down_proj.bias is not None or \
                 getattr(self.model.config, "hidden_act", "silu") != "silu":
             return None
@@ -190,7 +175,8 @@ class FastLlamaEngine:
     @staticmethod
     def _proj_residual(module, x, residual):
         """residual + module(x), the add folded into the matmul when module is a plain Linear."""
-        if type(module) is torch.nn.Linear and module.bias is None and x.dtype == module.weight.dtype:
+        if type(module) is torch.nn.Linear and module.bias is None and x.dtype == module.weight.dtype and \
+                not hooked(module):
             out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]),
                               module.weight.t())
             return out.view(residual.shape)
@@ -362,3 +348,9 @@ class FastLlamaEngine:
         emb = self.base.embed_tokens(torch.tensor([[token]], device=self.device))   # [1,1,D]
         self.last_logits = self.forward(emb, decode=True)
         return int(self.last_logits.argmax())
+
+    def _new_batch(self):
+        """Batches of sequences over these weights (plugins/engines/batch_api.py, batched.py)."""
+        from .batched import BatchedLlama
+
+        return BatchedLlama(self, self.batch_attention)

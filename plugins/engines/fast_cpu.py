@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bluelm_v.nn.fusion import hooked
 from bluelm_v.nn.kernels import cpu_layer_ops
 from bluelm_v.nn.llama import RMSNORM_CLASSES
 
@@ -68,11 +69,6 @@ def fuse_quantized(module, names):
     return fused
 
 
-def _hooked(module) -> bool:
-    """A module whose forward hooks (e.g. the a16 activation fake-quant) must run."""
-    return bool(module._forward_pre_hooks or module._forward_hooks)
-
-
 def direct_matvec(mod):
     """For a bias-free INT4/INT8 linear on the C kernels: f(x_ptr, y_ptr, add_ptr, threads) computing
     y[N] = x[K] @ W.T + add[N] (add may be y itself: an in-place residual), else None."""
@@ -81,7 +77,7 @@ def direct_matvec(mod):
 
     qlib = cpu_quant.library()
     if qlib is None or type(mod) not in (Int4Linear, Int8Linear) or mod.kernel not in FUSED_DECODE or \
-            mod.act_dtype != "fp32" or _hooked(mod) or not mod._fused_ok or mod.bias is not None or \
+            mod.act_dtype != "fp32" or hooked(mod) or not mod._fused_ok or mod.bias is not None or \
             mod.qweight.device.type != "cpu":
         return None
     k, n, q = mod.in_features, mod.out_features, mod.qweight.data_ptr()
@@ -183,7 +179,7 @@ class CpuPath:
         """x [T, K] -> [T, sum(N)] for the named projections, with one weight where possible
         (quantised ones are fused into shared buffers only when the engine fuses)."""
         mods = [getattr(module, n) for n in names]
-        if any(_hooked(m) for m in mods):
+        if any(hooked(m) for m in mods):
             return lambda x: torch.cat([m(x) for m in mods], -1)
         if fused_fp is not None:
             weight, bias = fused_fp
@@ -208,7 +204,7 @@ class CpuPath:
     @staticmethod
     def _out_proj(module, x_in, residual):
         """residual + module(x_in); a plain bias-free fp32 Linear through cpu_layer_ops.linear."""
-        if type(module) is torch.nn.Linear and module.bias is None and not _hooked(module) and \
+        if type(module) is torch.nn.Linear and module.bias is None and not hooked(module) and \
                 module.weight.dtype == torch.float32 and module.weight.is_contiguous():
             return cpu_layer_ops.linear(x_in, module.weight).add_(residual)
         return residual + module(x_in)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from bluelm_v.model import model_dtype_device
-from bluelm_v.nn.kv_cache import kv_cache_kind
+from bluelm_v.nn.kv_cache import cache_nbytes, kv_cache_kind
+
+from .batch_api import BatchAPI
 
 
 def one_at_a_time(step, token: int, n: int) -> list[int]:
@@ -17,7 +19,7 @@ def one_at_a_time(step, token: int, n: int) -> list[int]:
     return out
 
 
-class HFEngine:
+class HFEngine(BatchAPI):
     """Any transformers causal LM: its own forward with a DynamicCache, chunk by chunk."""
 
     name = "hf"
@@ -70,9 +72,10 @@ class HFEngine:
 
     @property
     def cache_bytes(self) -> int:
-        nbytes = getattr(self.cache, "nbytes", None)
-        if callable(nbytes):
-            return int(nbytes())
-        layers = getattr(self.cache, "layers", None) or []
-        return sum(t.numel() * t.element_size() for l in layers
-                   for t in (getattr(l, "keys", None), getattr(l, "values", None)) if t is not None)
+        return cache_nbytes(self.cache)
+
+    def _new_batch(self):
+        """Batches of sequences (plugins/engines/batch_api.py, hf_batch.py)."""
+        from .hf_batch import HFBatch
+
+        return HFBatch(self)

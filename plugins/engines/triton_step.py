@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from bluelm_v.plugins.engines.fast import FastLlamaEngine
+from bluelm_v.plugins.engines.triton_quant import QWeight, embed_quant, gemv_quant, step_weights
 from bluelm_v.nn.kv_cache import KVCache
 
 from bluelm_v.nn.kernels.triton_decode import triton  # None without triton
@@ -140,9 +141,13 @@ class TritonDecodeEngine(FastLlamaEngine):
         kw.setdefault("static_step", True)
         super().__init__(hf_model, **kw)
         lm, emb, norm = hf_model.lm_head, self.base.embed_tokens, self.base.norm
-        self.triton_ok = (triton_usable(self.device) and all(p is not None for p in self.plain)
-                          and type(lm) is torch.nn.Linear and lm.bias is None
-                          and type(emb) is torch.nn.Embedding and getattr(norm, "weight", None) is not None
+        self.step_w = step_weights(self)       # per layer: float weights or INT4/INT8 QWeights
+        self.lm_w = lm.weight if type(lm) is torch.nn.Linear and lm.bias is None else QWeight.of(lm)
+        self.emb_w = emb.weight if type(emb) is torch.nn.Embedding else QWeight.of(emb)
+        self.vocab = lm.weight.shape[0] if type(lm) is torch.nn.Linear else getattr(lm, "out_features", 0)
+        self.triton_ok = (triton_usable(self.device) and self.step_w is not None
+                          and self.lm_w is not None and self.emb_w is not None
+                          and getattr(norm, "weight", None) is not None
                           and self.dtype in (torch.bfloat16, torch.float16, torch.float32)
                           and self.head_dim & (self.head_dim - 1) == 0)      # tl.arange(0, HEAD_D)
         self.configs = dict(DEFAULTS)
@@ -175,7 +180,7 @@ class TritonDecodeEngine(FastLlamaEngine):
         self._opart = torch.zeros(self.n_heads, ns, d, **f32)                       # [H,NS,d]
         self._ml = torch.zeros(self.n_heads, ns, 2, **f32)                          # (m, l)
         self._attn_count = torch.zeros(self.n_heads, dtype=torch.int32, device=dev)  # 0 between kernels
-        vocab = self.model.lm_head.weight.shape[0]
+        vocab = self.vocab
         self._part_val = torch.zeros(vocab, **f32)           # per-block maxima: enough for any block_n
         self._part_idx = torch.zeros(vocab, dtype=torch.int32, device=dev)
         self._next = torch.zeros(1, dtype=torch.long, device=dev)
@@ -190,6 +195,8 @@ class TritonDecodeEngine(FastLlamaEngine):
         return opts
 
     def _gemv(self, cfg: GemvConfig, w, x, out, prologue: int, epilogue: int, nw=None, eps=0.0):
+        if isinstance(w, QWeight):
+            return gemv_quant(self, cfg, w, x, out, prologue, epilogue, nw, eps)
         n, k = w.shape
         if prologue == 1 and cfg.split_k != 1:
             raise ValueError("the fused RMSNorm needs split_k == 1")
@@ -224,9 +231,9 @@ class TritonDecodeEngine(FastLlamaEngine):
             return self._attn(cfg, i, pos if pos is not None else self._pos)
         if site == "lm":
             norm = self.base.norm
-            return self._gemv(cfg, self.model.lm_head.weight, self._x, self._part_val, 1, 2,
+            return self._gemv(cfg, self.lm_w, self._x, self._part_val, 1, 2,
                               norm.weight, float(getattr(norm, "variance_epsilon", 1e-6)))
-        (w_in, w_qkv, w_o, w_post, w_gu, w_down), eps = self.plain[i]
+        (w_in, w_qkv, w_o, w_post, w_gu, w_down), eps = self.step_w[i]
         if site == "qkv":
             return self._gemv(cfg, w_qkv, self._x, self._qkv, 1, 0, w_in, eps)
         if site == "o":
@@ -240,17 +247,20 @@ class TritonDecodeEngine(FastLlamaEngine):
             return super()._static_step()
         self._ensure_buffers()
         big = self._x.shape[0]
-        _embed_kernel[(1,)](self._tok, self.base.embed_tokens.weight, self._x, D=big,
-                            BLOCK=triton.next_power_of_2(big), PDL=self.pdl)   # no early start: first
+        if isinstance(self.emb_w, QWeight):
+            embed_quant(self, self.emb_w)
+        else:
+            _embed_kernel[(1,)](self._tok, self.emb_w, self._x, D=big,
+                                BLOCK=triton.next_power_of_2(big), PDL=self.pdl)   # no early start: first
         for i in range(len(self.layers)):
             for site in SLOTS:
                 self._site(site, i)
         self._site("lm", -1)
         if self.debug_logits:
             norm = self.base.norm
-            self._gemv(GemvConfig(16, 256), self.model.lm_head.weight, self._x, self._logits_buf, 1, 0,
+            self._gemv(GemvConfig(16, 256), self.lm_w, self._x, self._logits_buf, 1, 0,
                        norm.weight, float(getattr(norm, "variance_epsilon", 1e-6)))
-        n_part = triton.cdiv(self.model.lm_head.weight.shape[0], self.configs["lm"].block_n)
+        n_part = triton.cdiv(self.vocab, self.configs["lm"].block_n)
         _argmax_kernel[(1,)](self._part_val, self._part_idx, n_part, self._tok, self._next, self._pos,
                              self._hist, BLOCK=triton.next_power_of_2(n_part), **self._launch_opts(4))
         return self._next
@@ -311,8 +321,13 @@ class TritonDecodeEngine(FastLlamaEngine):
             "qkv": gemv_candidates(qkv_n, big), "gu": gemv_candidates(2 * inter, big),
             "o": gemv_candidates(big, self.n_heads * d, (1, 2, 3, 6), SPLIT_TILES),
             "down": gemv_candidates(big, inter, (1, 3, 5), SPLIT_TILES),
-            "lm": [c for c in gemv_candidates(self.model.lm_head.weight.shape[0], big) if c.block_n >= 8],
+            "lm": [c for c in gemv_candidates(self.vocab, big) if c.block_n >= 8],
         }
+        site_w = {"qkv": self.step_w[0][0][1], "o": self.step_w[0][0][2], "gu": self.step_w[0][0][4],
+                  "down": self.step_w[0][0][5], "lm": self.lm_w}
+        for site, w in site_w.items():       # INT4: tiles of whole groups
+            if isinstance(w, QWeight):
+                candidates[site] = [c for c in candidates[site] if w.fits(c.block_k)]
         k_of = {"qkv": big, "gu": big, "o": self.n_heads * d, "down": inter, "lm": big}
         state = [t.clone() for t in (self._tok, self._pos, self._hist)]
         debug, self.debug_logits = self.debug_logits, False      # time the step decoding runs
@@ -348,7 +363,7 @@ class TritonDecodeEngine(FastLlamaEngine):
                 if results and time.perf_counter() > deadline:
                     break                           # out of tuning time: the best so far
                 measure(c)
-            if site != "attn":      # then, for the best 2 shapes, more asked before the wait
+            if site != "attn" and not self._quantised(site):   # the best 2 shapes, more before the wait
                 for c in [c for c, _ in sorted(results, key=lambda r: r[1])[:2]]:
                     for pre, depth in ((1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1)):
                         deeper = dataclasses.replace(c, pre=pre, depth=depth)
@@ -364,6 +379,11 @@ class TritonDecodeEngine(FastLlamaEngine):
                 self._ensure_buffers()
                 torch.nn.init.normal_(self._attn_out)
             self.tuning[site] = results
+
+    def _quantised(self, site: str) -> bool:
+        """A GEMV site whose weights are QWeights (their kernel has no head/depth settings)."""
+        w = self.lm_w if site == "lm" else self.step_w[0][0][{"qkv": 1, "o": 2, "gu": 4, "down": 5}[site]]
+        return isinstance(w, QWeight)
 
     def _refine_on_step(self, pos) -> None:
         """Per-site timings mislead: in the step a kernel overlaps its neighbours (early start,

@@ -82,14 +82,25 @@ def bluelm_mixed(llm_group_size: int = 64, llm_symmetric: bool = False, llm_embe
     return Composite("bluelm_mixed", steps)
 
 
+def quantizer_nodes(q) -> list[dict]:
+    """A quantizer setting as written in a config or a benchmark case (None, a name, a node, an
+    omegaconf node, or a list of those) -> a list of plain ``{name: ..., **params}`` nodes."""
+    if q is None:
+        return []
+    if hasattr(q, "_metadata"):
+        from omegaconf import OmegaConf
+        q = OmegaConf.to_container(q, resolve=True)
+    nodes = q if isinstance(q, (list, tuple)) else [q]
+    return [{"name": n} if isinstance(n, str) else dict(n) for n in nodes]
+
+
 def quantizer_label(q) -> str:
     """A quantizer node (or list of nodes) as one short label: ``w4(group_size=64)+kv8``."""
-    if q is None:
+    nodes = quantizer_nodes(q)
+    if not nodes:
         return "none"
-    nodes = q if isinstance(q, (list, tuple)) else [q]
     parts = []
     for n in nodes:
-        n = {"name": n} if isinstance(n, str) else dict(n)
         extra = ",".join(f"{k}={v}" for k, v in sorted(n.items()) if k != "name")
         parts.append(f"{n.get('name')}({extra})" if extra else str(n.get("name")))
     return "+".join(parts)

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from bluelm_v.errors import ConfigError
 from bluelm_v.nn import quant_io
-from bluelm_v.nn.activation_quant import add_activation_quant
+from bluelm_v.nn.activation_quant import activation_quant_of, add_activation_quant
+from bluelm_v.nn.kv_cache import KV_CACHE_ATTR, kv_cache_kind  # noqa: F401 -- kv_cache_kind: part of this API
 from bluelm_v.nn.quant_linear import Int4Linear, Int8Linear, QuantEmbedding, QuantLinearBase
 from bluelm_v.nn.quant_replace import ReplaceReport, linear_names, plan_int4, replace_embeddings, replace_linears, tied_embeddings
 
@@ -217,7 +218,7 @@ class KV8(Quantizer):
     """INT8 KV cache: marks the LLM so the runtime builds an Int8 cache (kv_cache.py)."""
 
     name = "kv8"
-    ATTR = "bluelm_v_kv_cache"
+    ATTR = KV_CACHE_ATTR
 
     def __init__(self, targets=("llm",)):
         super().__init__(targets)
@@ -258,12 +259,28 @@ class Composite(Quantizer):
         return model
 
 
-def kv_cache_kind(model: nn.Module) -> str:
-    """'int8' when kv8 marked this model (or its LLM), else 'fp'."""
-    for m in (model, getattr(model, "llm", None), _hf(model), _hf(getattr(model, "llm", model))):
-        if m is not None and getattr(m, KV8.ATTR, None) == "int8":
-            return "int8"
-    return "fp"
+SETTING_LABELS = {"w4": "INT4 weights", "w8": "INT8 weights", "a16": "integer activations", "kv8": "INT8 KV cache"}
+
+
+def applied_settings(model: nn.Module) -> dict[str, str]:
+    """The quantizer settings a model carries -> where the first sign of each is: ``w4`` /
+    ``w8`` (integer linear layers or embedding tables of that width), ``a16`` (activation
+    rounding hooks), ``kv8`` (the INT8 KV-cache mark). What an engine or backend that cannot
+    honour a setting names when it refuses the model."""
+    found: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinearBase, QuantEmbedding)):
+            found.setdefault(f"w{m.bits}", name or "the model")
+        if activation_quant_of(m) is not None:
+            found.setdefault("a16", name or "the model")
+    if kv_cache_kind(model) == "int8":
+        found["kv8"] = "the model's KV cache"
+    return found
+
+
+def describe_settings(found: dict[str, str]) -> str:
+    """``applied_settings`` as one phrase: "w4 (INT4 weights, e.g. model.layers.0.mlp.up_proj), ..."."""
+    return ", ".join(f"{k} ({SETTING_LABELS.get(k, 'quantised')}, e.g. {v})" for k, v in sorted(found.items()))
 
 
 def weight_bytes(module: nn.Module) -> dict:

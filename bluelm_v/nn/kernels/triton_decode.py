@@ -120,6 +120,12 @@ if triton is not None:
         y += tl.sum(acc, 1)
         if PROLOGUE == 1:
             y = y * tl.rsqrt((ss + tl.sum(sq_acc, 0)) / K + eps)
+        _gemv_out(y, rows, rmask, out_ptr, idx_ptr, pid_n, EPILOGUE, ROUND)
+
+    @triton.jit
+    def _gemv_out(y, rows, rmask, out_ptr, idx_ptr, pid_n, EPILOGUE: tl.constexpr, ROUND: tl.constexpr):
+        """A GEMV block's rows y [BLOCK_N]: EPILOGUE 0 store; 1 atomic add (residual, split-K);
+        2 the block's max/argmax of the logits -> out/idx[pid_n]."""
         if EPILOGUE == 0:
             tl.store(out_ptr + rows, y, mask=rmask)
         elif EPILOGUE == 1:
@@ -134,6 +140,131 @@ if triton is not None:
             best = tl.min(tl.where(v == mx, rows, 2147483647), 0)
             tl.store(out_ptr + pid_n, mx)
             tl.store(idx_ptr + pid_n, best)
+
+    @triton.jit
+    def _q4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, k0, ok, K: tl.constexpr, GROUP: tl.constexpr,
+                 SYM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """INT4 weight tile at columns [k0, k0+BLOCK_K): packed codes uint8 [BLOCK_N, BLOCK_K/2]
+        (low nibble = even column) and its groups' scales (and zeros) [BLOCK_N, BLOCK_K/GROUP];
+        all zeros unless the scalar ok (a tile past the split). Read once: evict_first."""
+        bcols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        w = tl.load(q_ptr + rows[:, None] * (K // 2) + bcols[None, :],
+                    mask=rmask[:, None] & (bcols < K // 2)[None, :] & ok, other=0, eviction_policy="evict_first")
+        gcols = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        gmask = rmask[:, None] & (gcols < K // GROUP)[None, :] & ok
+        goffs = rows[:, None] * (K // GROUP) + gcols[None, :]
+        s = tl.load(s_ptr + goffs, mask=gmask, other=0.0, eviction_policy="evict_first")
+        if SYM:
+            z = s
+        else:
+            z = tl.load(z_ptr + goffs, mask=gmask, other=0.0, eviction_policy="evict_first")
+        return w, s, z
+
+    @triton.jit
+    def _q4_dot(w, s, z, x_ptr, nw_ptr, k0, K: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(rows . inputs over the tile [BLOCK_N], squares of the raw inputs [BLOCK_K/2]): codes
+        times inputs summed per group first, then scaled (w = s*(q-8), or s*q + z)."""
+        ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)                                 # even columns
+        a_e, b_e = _x_load(x_ptr, nw_ptr, ke, ke < K, K, PROLOGUE)
+        a_o, b_o = _x_load(x_ptr, nw_ptr, ke + 1, ke + 1 < K, K, PROLOGUE)
+        xe, sq_e = _x_apply(a_e, b_e, PROLOGUE)
+        xo, sq_o = _x_apply(a_o, b_o, PROLOGUE)
+        prod = (w & 15).to(tl.float32) * xe[None, :] + (w >> 4).to(tl.float32) * xo[None, :]   # [BN, BK/2]
+        GT: tl.constexpr = BLOCK_K // GROUP
+        per_group = tl.sum(tl.reshape(prod, [BLOCK_N, GT, GROUP // 2]), 2)                 # [BN, GT]
+        x_sum = tl.sum(tl.reshape(xe + xo, [GT, GROUP // 2]), 1)                           # [GT]
+        if SYM:
+            part = tl.sum(s.to(tl.float32) * (per_group - 8.0 * x_sum[None, :]), 1)
+        else:
+            part = tl.sum(s.to(tl.float32) * per_group + z.to(tl.float32) * x_sum[None, :], 1)
+        return part, sq_e + sq_o
+
+    @triton.jit
+    def _gemv_q4_kernel(q_ptr, s_ptr, z_ptr, x_ptr, out_ptr, nw_ptr, idx_ptr, N, eps,
+                        K: tl.constexpr, K_PER: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                        PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, ROUND: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """_gemv_kernel over group-wise INT4 weights (bluelm_v/nn/packing.py: two codes a byte,
+        fp16 scales [N, K/GROUP], zeros too unless SYM), unpacked in registers: same PROLOGUE
+        and EPILOGUE. The first tile (codes and scales) is loaded before waiting on the previous
+        kernel; each next tile is loaded while the current one is used. BLOCK_K % GROUP == 0."""
+        if PDL:
+            gdc_launch_dependents()
+        pid_n = tl.program_id(0)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        k_lo = tl.program_id(1) * K_PER
+        w, s, z = _q4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, k_lo, True, K, GROUP, SYM, BLOCK_K)
+        if PDL:
+            gdc_wait()
+        y = tl.zeros([BLOCK_N], tl.float32)
+        sq_acc = tl.zeros([BLOCK_K // 2], tl.float32)
+        for k0 in range(0, K_PER, BLOCK_K):
+            w_n, s_n, z_n = _q4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, k_lo + k0 + BLOCK_K, k0 + BLOCK_K < K_PER,
+                                     K, GROUP, SYM, BLOCK_K)
+            part, sq = _q4_dot(w, s, z, x_ptr, nw_ptr, k_lo + k0, K, GROUP, SYM, PROLOGUE, BLOCK_N, BLOCK_K)
+            y += part
+            sq_acc += sq
+            w, s, z = w_n, s_n, z_n
+        if PROLOGUE == 1:
+            y = y * tl.rsqrt(tl.sum(sq_acc, 0) / K + eps)
+        _gemv_out(y, rows, rmask, out_ptr, idx_ptr, pid_n, EPILOGUE, ROUND)
+
+    @triton.jit
+    def _gemv_q8_kernel(q_ptr, s_ptr, x_ptr, out_ptr, nw_ptr, idx_ptr, N, eps,
+                        K: tl.constexpr, K_PER: tl.constexpr, PROLOGUE: tl.constexpr,
+                        EPILOGUE: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """_gemv_kernel over per-row INT8 weights (int8 [N, K], fp32 scale [N]: the w4
+        quantizer's lm_head and tied embedding), scale applied to the row sums."""
+        if PDL:
+            gdc_launch_dependents()
+        pid_n = tl.program_id(0)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        k_lo = tl.program_id(1) * K_PER
+        tile = tl.arange(0, BLOCK_K)
+        w = _w_tile(q_ptr + rows[:, None] * K, k_lo + tile, rmask, True, K, False)
+        if PDL:
+            gdc_wait()
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        sq_acc = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K_PER, BLOCK_K):
+            ks = k_lo + k0 + tile
+            w_n = _w_tile(q_ptr + rows[:, None] * K, ks + BLOCK_K, rmask, k0 + BLOCK_K < K_PER, K, False)
+            a, b = _x_load(x_ptr, nw_ptr, ks, ks < K, K, PROLOGUE)
+            xv, sq = _x_apply(a, b, PROLOGUE)
+            acc += w.to(tl.float32) * xv[None, :]
+            sq_acc += sq
+            w = w_n
+        y = tl.sum(acc, 1) * tl.load(s_ptr + rows, mask=rmask, other=0.0)
+        if PROLOGUE == 1:
+            y = y * tl.rsqrt(tl.sum(sq_acc, 0) / K + eps)
+        _gemv_out(y, rows, rmask, out_ptr, idx_ptr, pid_n, EPILOGUE, ROUND)
+
+    @triton.jit
+    def _embed_q_kernel(tok_ptr, q_ptr, s_ptr, z_ptr, x_ptr, D: tl.constexpr, BITS: tl.constexpr,
+                        GROUP: tl.constexpr, SYM: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """x = the token's row of a quantised table, dequantised (BITS 8: per-row scale; 4: groups)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        tok = tl.load(tok_ptr)
+        offs = tl.arange(0, BLOCK)
+        m = offs < D
+        if BITS == 8:
+            v = tl.load(q_ptr + tok * D + offs, mask=m, other=0).to(tl.float32) * tl.load(s_ptr + tok)
+        else:
+            byte = tl.load(q_ptr + tok * (D // 2) + offs // 2, mask=m, other=0)
+            code = tl.where(offs % 2 == 0, byte & 15, byte >> 4).to(tl.float32)
+            gs = tok * (D // GROUP) + offs // GROUP
+            sc = tl.load(s_ptr + gs, mask=m, other=0.0).to(tl.float32)
+            if SYM:
+                v = sc * (code - 8.0)
+            else:
+                v = sc * code + tl.load(z_ptr + gs, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, v, mask=m)
 
     @triton.jit
     def _merge_partials(opart_ptr, ml_ptr, out_ptr, h, pos, HEAD_D: tl.constexpr, NSPLIT: tl.constexpr,
@@ -214,6 +345,44 @@ if triton is not None:
                     tl.store(cnt_ptr + h, 0)
 
     @triton.jit
+    def _batch_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, opart_ptr, ml_ptr, qk_scale, S,
+                           H: tl.constexpr, KV: tl.constexpr, HEAD_D: tl.constexpr, NSPLIT: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """Batched decode attention, program (row, head h, split sp): q [rows, H, d] (RoPE done)
+        over keys [sp*BLOCK, sp*BLOCK+BLOCK) <= pos[row] of cache slot ``row`` (k/v [slots, KV,
+        S, d], this step's row already written) -> partials (o, m, l) as _attn_kernel makes them;
+        splits past a row's position exit at once (a short row reads only its own keys)."""
+        row = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        pos = tl.load(pos_ptr + row).to(tl.int32)
+        start = sp * BLOCK
+        if start <= pos:
+            dims = tl.arange(0, HEAD_D)
+            offs = start + tl.arange(0, BLOCK)
+            seen = offs <= pos
+            base = (row * KV + h // (H // KV)) * S * HEAD_D
+            ptrs = base + offs[:, None] * HEAD_D + dims[None, :]
+            kt = tl.load(k_ptr + ptrs, mask=seen[:, None], other=0.0, eviction_policy="evict_first")   # [BLOCK,d]
+            vt = tl.load(v_ptr + ptrs, mask=seen[:, None], other=0.0, eviction_policy="evict_first")
+            q = tl.load(q_ptr + (row * H + h) * HEAD_D + dims).to(tl.float32) * qk_scale
+            sc = tl.where(seen, tl.sum(kt.to(tl.float32) * q[None, :], 1), float("-inf"))
+            m = tl.max(sc, 0)
+            p = tl.exp2(sc - m)
+            slot = (row * H + h) * NSPLIT + sp
+            tl.store(opart_ptr + slot * HEAD_D + dims, tl.sum(p[:, None] * vt.to(tl.float32), 0))
+            tl.store(ml_ptr + slot * 2, m)
+            tl.store(ml_ptr + slot * 2 + 1, tl.sum(p, 0))
+
+    @triton.jit
+    def _batch_merge_kernel(opart_ptr, ml_ptr, pos_ptr, out_ptr, H: tl.constexpr, HEAD_D: tl.constexpr,
+                            NSPLIT: tl.constexpr, NS_P2: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (row, h): merge the row's head-h partials -> out [rows, H, d]."""
+        row = tl.program_id(0)
+        _merge_partials(opart_ptr, ml_ptr, out_ptr, row * H + tl.program_id(1), tl.load(pos_ptr + row).to(tl.int32),
+                        HEAD_D, NSPLIT, NS_P2, BLOCK)
+
+    @triton.jit
     def _merge_kernel(opart_ptr, ml_ptr, pos_ptr, out_ptr, HEAD_D: tl.constexpr, NSPLIT: tl.constexpr,
                       NS_P2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program h: merge head h's split partials -> out[h*d:(h+1)*d] (fp32)."""
@@ -243,3 +412,4 @@ if triton is not None:
         tl.store(pos_ptr, pos + 1)
 else:  # pragma: no cover - the names exist without triton
     _embed_kernel = _gemv_kernel = _attn_kernel = _merge_kernel = _argmax_kernel = None
+    _gemv_q4_kernel = _gemv_q8_kernel = _embed_q_kernel = _batch_attn_kernel = _batch_merge_kernel = None
