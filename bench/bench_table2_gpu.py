@@ -55,14 +55,15 @@ def train_stage(model, config: dict, registry, device, pool) -> dict:
     import torch
 
     from bluelm_v.data.llava import LlavaDataset
-    from bluelm_v.jobs.train.data import LengthGroupedPlan, collate
+    from bluelm_v.jobs.train.loop import batch_plan, micro_batch, step_inputs
     from bluelm_v.jobs.train.optim import build_param_groups, freeze_except, lr_multiplier, set_lr, warmup_steps_for
     from bluelm_v.jobs.train.speed import apply_speed_options
 
     tiler = registry.create_from_config("tiler", config["tiler"], "train.tiler")
     freeze_except(model, config["trainable"])
     model.train()
-    net = apply_speed_options(model, config["speed"])
+    net = apply_speed_options(model, {**config["speed"], "packing": bool(config.get("packing")),
+                                      "max_seq": int(config["max_seq"])})
     opt = config["optim"]
     groups = build_param_groups(model, config["trainable"], opt["lr"], opt["weight_decay"], opt.get("layer_decay", 1.0))
     scales = [g.pop("lr_scale") for g in groups]
@@ -74,26 +75,30 @@ def train_stage(model, config: dict, registry, device, pool) -> dict:
     data = config["data"]
     ds = LlavaDataset(data["json"], data["image_root"], tiler, model.tokenizer, model.tokens_per_crop,
                       max_length=data["max_length"], system=data.get("system"))
-    micro, accum = int(config["micro_batch"]), int(config["grad_accum"])
-    plan = LengthGroupedPlan(ds.lengths, micro, 1, 0, seed=int(config["seed"]), group_by_length=data["group_by_length"])
+    accum = int(config["grad_accum"])
+    plan = batch_plan(config, ds.lengths, 1, 0)
     total = int(config["steps"])
     warmup = warmup_steps_for(total, float(opt["warmup_ratio"]))
-    batches = [plan.indices(k) for k in range(total * accum)]
-    ahead = [pool.submit(lambda idx: [ds[i] for i in idx], batches[k]) for k in range(min(4, len(batches)))]
-    losses, tokens, t0, t_first = [], 0, time.perf_counter(), None
+
+    def load(k: int) -> dict:
+        return micro_batch(ds, plan.rows(k), model.tokenizer.pad_token_id, config, model.tokens_per_crop)
+
+    ahead = [pool.submit(load, k) for k in range(min(4, total * accum))]
+    losses, tokens, samples, t0, t_first, tokens_first = [], 0, 0, time.perf_counter(), None, 0
     for step in range(total):
         set_lr(optimizer, float(opt["lr"]), scales, lr_multiplier(step, total, warmup, float(opt.get("min_lr_ratio", 0.0))))
         for a in range(accum):
             k = step * accum + a
-            items = ahead.pop(0).result()
-            if k + len(ahead) + 1 < len(batches):
-                ahead.append(pool.submit(lambda idx: [ds[i] for i in idx], batches[k + len(ahead) + 1]))
-            batch = collate(items, model.tokenizer.pad_token_id)
+            batch = ahead.pop(0).result()
+            if k + len(ahead) + 1 < total * accum:
+                ahead.append(pool.submit(load, k + len(ahead) + 1))
+            inputs = step_inputs(batch)
+            inputs["images"] = [im.to(device, non_blocking=True) for im in inputs["images"]]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"], images=[im.to(device, non_blocking=True) for im in batch["images"]])
+                out = net(**inputs)
             (out.loss / accum).backward()
             tokens += batch["llm_tokens"]
+            samples += len(batch["lengths"])
             losses.append(out.loss.detach())
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
@@ -110,9 +115,10 @@ def train_stage(model, config: dict, registry, device, pool) -> dict:
     wall = time.perf_counter() - t0
     steady = time.perf_counter() - (t_first or t0)
     curve = [float(x) for x in torch.stack(losses).float().cpu()]
-    return {"steps": total, "wall_s": wall, "first_loss": curve[0], "final_loss": sum(curve[-accum * 5:]) / len(curve[-accum * 5:]),
+    tail = curve[-accum * 5:]
+    return {"steps": total, "wall_s": wall, "first_loss": curve[0], "final_loss": sum(tail) / len(tail),
             "tokens_per_s": (tokens - tokens_first) / steady if total > 1 else tokens / wall, "skipped": dict(ds.skipped),
-            "samples": total * accum * micro}
+            "samples": samples}
 
 
 def make_generator(model, eval_cfg, registry):

@@ -1,41 +1,21 @@
-"""Shared by the evaluation tests: a Ray cluster whose workers see the test-only generate_batch
-stand-in (tests/batch_shim, used only while the runtime has no generate_batch of its own), and
-a checkpoint written the way the train job exports one."""
+"""Shared by the evaluation tests: a small Ray cluster of their own, and a checkpoint written the
+way the train job exports one."""
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-SHIM = Path(__file__).resolve().parent / "batch_shim"
-
-
-def shim_environment() -> dict:
-    """os.environ with the stand-in first on PYTHONPATH (for subprocesses and Ray workers)."""
-    old = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(SHIM), old) if p))
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A 2-CPU Ray cluster (any earlier one is shut down first) whose workers get the stand-in."""
+    """A 2-CPU Ray cluster (any earlier one in this process is shut down first)."""
     import ray
 
-    sys.path.insert(0, str(SHIM))
-    import sitecustomize
-    sitecustomize.install()
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = shim_environment()["PYTHONPATH"]
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-    if old is None:
-        os.environ.pop("PYTHONPATH")
-    else:
-        os.environ["PYTHONPATH"] = old
 
 
 def write_checkpoint(compose, out: Path) -> tuple[Path, dict]:
@@ -66,9 +46,6 @@ def write_checkpoint(compose, out: Path) -> tuple[Path, dict]:
 
 def compose_config(overrides: list[str]):
     """The composed config (for module-scoped fixtures; tests use conftest's ``compose``)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from bluelm_v.compose import compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="bluelm_v.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)

@@ -5,13 +5,14 @@ hub access) scores it and answers exactly what the evaluate job's answering code
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from evaluation_helpers import shim_environment, write_checkpoint
+from evaluation_helpers import write_checkpoint
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install lmms-eval==0.7)")
 
@@ -73,7 +74,7 @@ def test_lmms_eval_cli_runs_a_local_task_offline(compose, tmp_path):
     ckpt, _ = write_checkpoint(compose, tmp_path / "train")
     paths = generate(tmp_path / "bench", n=4, seed=2, view=112, val_fraction=0.25, test_fraction=0.25)
     task = local_task(tmp_path / "task", Path(paths["test"]["jsonl"]), tmp_path / "bench")
-    env = dict(shim_environment(), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                WANDB_MODE="disabled")
     lmms = Path(sys.executable).with_name("lmms-eval")
     done = subprocess.run([str(lmms), "--model", "bluelm_v", "--model_args", f"checkpoint={ckpt},device=cpu",
@@ -88,9 +89,6 @@ def test_lmms_eval_cli_runs_a_local_task_offline(compose, tmp_path):
     answered = sorted((json.loads(x) for x in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
     assert len(answered) == 6                                     # every question of the local test split
 
-    sys.path.insert(0, str(Path(__file__).parent / "batch_shim"))
-    import sitecustomize
-    sitecustomize.install()
     questions = read_questions(paths["test"]["jsonl"])
     model, _ = load_checkpoint(ckpt, get()[1])
     gen = Generator(model, engine="auto", registry=get()[1])

@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from bluelm_v.errors import BlueLMVError, ConfigError
 from bluelm_v.job import to_jsonable, write_json
 
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "engine", "quantizer")
 MODEL_NODES = ("tiler", "encoder", "downsampler", "projector", "llm")
 POSITIVE = ("batch_size", "shard_size", "max_new_tokens", "bootstrap", "cpus_per_worker")
 

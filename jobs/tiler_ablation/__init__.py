@@ -16,8 +16,8 @@ Per tiler of ``ablation.tilers`` (conf/tiler/NAME.yaml, else the factory's defau
 ``ablation.train``) then the evaluate job (conf/job/evaluate.yaml + ``ablation.evaluate``) on
 the train run's checkpoint, both composed through ``bluelm_v.launch.run`` inside one Ray task
 per tiler. Every run has the same seed (same initial weights), the same steps and the same
-data order (length grouping is off: with it the order would depend on each tiler's token
-counts); stage 1 uses one fixed ``single`` crop for all. Tiler runs go ``ablation.parallel`` at
+data order (sequence packing and length grouping are off: both order samples by their token
+counts, which differ per tiler); stage 1 uses one fixed ``single`` crop for all. Tiler runs go ``ablation.parallel`` at
 a time (default: as many as the cluster's GPUs or CPUs hold), queued beyond that. Resuming: a
 tiler whose train run finished keeps it, one whose evaluation finished keeps that too, and a
 half-done evaluation keeps its finished shards.
@@ -38,7 +38,11 @@ from omegaconf import OmegaConf
 from bluelm_v.errors import BlueLMVError, ConfigError
 from bluelm_v.job import write_json
 
-SHARED = ("encoder", "downsampler", "projector", "llm", "engine", "quantizer", "ray", "plugins", "logging", "seed")
+USES = ("encoder", "downsampler", "projector", "llm", "engine", "quantizer")   # the tilers: ablation.tilers
+# checked by validate(): tiler parameters against each factory, ablation.train / ablation.evaluate
+# against the keys the train and evaluate jobs declare
+OPEN_NODES = ("ablation.overrides", "ablation.train", "ablation.evaluate")
+SHARED = (*USES, "ray", "plugins", "logging", "seed", "images")
 FORMATS = ("jsonl", "tsv")
 
 
@@ -89,8 +93,14 @@ def validate(cfg, registry) -> None:
     if ab.get("parallel") is not None and (not isinstance(ab.parallel, int) or ab.parallel < 1):
         raise ConfigError(f"ablation.parallel: null or a positive integer, got {ab.parallel!r}")
     registry.validate_node("backend", ab.phone.backend, "ablation.phone.backend")
+    from bluelm_v.compose import unknown_key_error
     from bluelm_v.launch import validate as validate_job
 
+    for job in ("train", "evaluate"):      # only keys the child jobs declare
+        line = unknown_key_error({"ablation": {job: _plain(ab.get(job)) or {}}},
+                                 {"ablation": {job: _plain(compose([f"job={job}"])[job])}})
+        if line:
+            raise ConfigError(line)
     train, _ = child_configs(cfg, names[0], {"stage1": "-", "stage2": "-", "image_root": "-", "test": "-"}, Path("."))
     try:                                   # the per-tiler train config, its data paths aside
         validate_job(OmegaConf.merge(train, {"train": {"data": {"source": "shapes"}}}), registry)
@@ -100,15 +110,16 @@ def validate(cfg, registry) -> None:
 
 # -- composing the per-tiler jobs ----------------------------------------------------------------
 def compose(overrides: list[str]):
-    """The root config with these overrides (inside a Hydra app, or on its own)."""
-    from hydra import compose as hydra_compose, initialize_config_module
+    """The root config with these overrides: inside the launcher's Hydra app through its
+    initialised search path, elsewhere (Ray tasks, scripts) through bluelm_v.compose."""
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
+        from hydra import compose as hydra_compose
         cfg = hydra_compose(config_name="config", overrides=overrides)
     else:
-        with initialize_config_module(config_module="bluelm_v.conf", version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+        from bluelm_v.compose import compose as compose_root
+        cfg = compose_root(overrides)
     OmegaConf.set_struct(cfg, False)                   # the experiment's nodes are merged over it
     return cfg
 
@@ -120,7 +131,7 @@ def child_configs(cfg, name: str, data: dict, run_dir: Path):
     tiler = tiler_node(cfg, name)
     train = compose(["job=train"])
     train = OmegaConf.merge(train, shared, {"tiler": tiler}, {"train": _plain(cfg.ablation.get("train")) or {}}, {"train": {
-        "stage": "both",
+        "stage": "both", "packing": False,             # packing and length grouping order data by length
         "data": {"source": "llava", "group_by_length": False,
                  "stage1": {"json": data["stage1"], "image_root": data["image_root"]},
                  "stage2": {"json": data["stage2"], "image_root": data["image_root"]},
