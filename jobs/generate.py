@@ -6,10 +6,14 @@
     python -m bluelm_v.launch +experiment=generate image=photo.jpg runtime.release_encoder=true llm=tiny
     python -m bluelm_v.launch +experiment=generate image=null 'prompt="Hi!"' quantizer=w4
     python -m bluelm_v.launch +experiment=generate image=photo.jpg engine=triton   (CUDA + triton)
+    python -m bluelm_v.launch +experiment=generate checkpoint=RUN/checkpoint image=photo.png \
+        'prompt="<image>\nWhat colour is the background?"'                       (a trained model)
 
-The model is built from the config (tiler / encoder / downsampler / projector / llm; defaults:
-relaxed tiler up to 3x3 + thumbnail, tiny SigLIP, vila_2x2, mlp2x_gelu, the real SmolLM2-135M)
-and the top-level ``quantizer`` (default none; e.g. ``quantizer=w4``) is applied to it; the LLM
+The model is a train run's checkpoint (``checkpoint=RUN/checkpoint``: its weights, tiler and
+parts as trained, bluelm_v/checkpoint.py) or is built from the config (tiler / encoder /
+downsampler / projector / llm; defaults: relaxed tiler up to 3x3 + thumbnail, tiny SigLIP,
+vila_2x2, mlp2x_gelu, the real SmolLM2-135M: an untrained image path), and the top-level
+``quantizer`` (default none; e.g. ``quantizer=w4``) is applied to it; the LLM
 runs on the ``engine`` (default auto: fast for Llama-family LLMs, else hf; hf, fast, triton).
 The image starts encoding in the background before the prompt is tokenised (decoupled image
 encoding), the prompt is prefilled ``runtime.prefill_chunk`` tokens per forward into a KV cache,
@@ -66,6 +70,10 @@ def validate(cfg, registry) -> None:
         raise ConfigError(f"device: {cfg.get('device')!r} is not one of auto, cpu, cuda")
     if not isinstance(cfg.get("prompt"), str):
         raise ConfigError("prompt: must be a string")
+    if cfg.get("checkpoint"):
+        from bluelm_v.checkpoint import checkpoint_config
+
+        checkpoint_config(cfg.checkpoint)
 
 
 def run(ctx) -> dict:
@@ -76,7 +84,7 @@ def run(ctx) -> dict:
 
     cfg = ctx.cfg
     images = _images(cfg)
-    prompt = cfg.prompt
+    prompt = cfg.prompt.replace("\\n", "\n")     # a typed \n (Hydra keeps it literal) is a newline
     for i, path in enumerate(images):          # fail on a bad image before loading any model
         load_image(path, "image" if len(images) == 1 else f"image[{i}]")
     placeholders = prompt.count("<image>")
@@ -84,7 +92,13 @@ def run(ctx) -> dict:
         raise InputError(f"prompt: has {placeholders} <image> placeholder(s) but {len(images)} image(s) "
                          f"were given (image={cfg.get('image')!r}); put one <image> where each image goes")
     t0 = time.perf_counter()
-    model = BlueLMV.from_config(cfg, ctx.registry).to(_device(cfg.get("device", "auto")))
+    if cfg.get("checkpoint"):
+        from bluelm_v.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(cfg.checkpoint, ctx.registry)
+    else:
+        model = BlueLMV.from_config(cfg, ctx.registry)
+    model = model.to(_device(cfg.get("device", "auto")))
     if cfg.get("quantizer") is not None:          # e.g. quantizer=w4: rewrites weights in place
         ctx.create("quantizer").apply(model)
     load_s = time.perf_counter() - t0

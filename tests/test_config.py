@@ -37,6 +37,10 @@ def user_inputs(experiment, tmp_path):
         data.write_text("[]")
         return [f"train.data.stage{n}.{k}={data if k == 'json' else tmp_path}"
                 for n in (1, 2) for k in ("json", "image_root")], "train.data.stage1.json"
+    if experiment == "evaluate":
+        questions = tmp_path / "questions.jsonl"
+        questions.write_text('{"question_id": 1, "image": "a.png", "text": "What?", "answer": "x"}\n')
+        return [f"dataset.path={questions}"], "dataset.path"
     return [], None
 
 

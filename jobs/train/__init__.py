@@ -310,4 +310,6 @@ def run(ctx) -> dict:
     summary["tokens_per_s"] = {f"stage{n}": summary[f"stage{n}"]["tokens_per_s"] for n in stages}
     summary["mfu"] = {f"stage{n}": summary[f"stage{n}"]["mfu"] for n in stages}
     summary["restarts"] = sum(summary[f"stage{n}"]["restarts"] for n in stages)
+    from bluelm_v.checkpoint import export_train_checkpoint   # RUN_DIR/checkpoint: evaluate/generate checkpoint=DIR
+    summary["checkpoint"] = export_train_checkpoint(cfg, summary, ctx.run_dir / "checkpoint")
     return summary
