@@ -120,7 +120,10 @@ class BatchedLlama:
         kv_len = min(-(-max_len // ALIGN) * ALIGN, n_pos)
         c = self.cache
         if c is None or c.slots < rows or c.max_len < kv_len:
-            self.cache, self._graphs = None, {}
+            # The graphs captured for the old cache go, and their memory pool with them: a pool
+            # whose graphs are all destroyed is freed, and capturing into its stale handle again
+            # trips the CUDA caching allocator (`use_count > 0` assert) on the next release.
+            self.cache, self._graphs, self._pool = None, {}, None
             self.cache = BatchedKVCache.allocate(len(eng.layers), rows, eng.n_kv, eng.head_dim, kv_len,
                                                  eng.dtype, eng.device)
             long = dict(dtype=torch.long, device=eng.device)
