@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_llava_data import BAD, GOOD, write_dataset
+from test_llava_data import BAD, GOOD, write_dataset
 
 
 @pytest.fixture(scope="module")

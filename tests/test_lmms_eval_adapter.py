@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from evaluation_helpers import write_checkpoint
 
-lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install, or pip install "bluelm-v[eval]")")
+lmms_eval = pytest.importorskip("lmms_eval", reason='lmms-eval is not installed (make install, or pip install "bluelm-v[eval]")')
 
 
 def test_lmms_eval_finds_the_model_by_entry_point():
