@@ -35,7 +35,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from bluelm_v.errors import ConfigError
-from bluelm_v.job import write_json
+from bluelm_v.job import progress, write_json
 from bluelm_v.jobs.memory.worker import release_heap
 
 # The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others).
@@ -81,10 +81,18 @@ def build_checkpoint(ctx, directory: Path) -> dict:
     if done.exists() and json.loads(done.read_text()).get("settings") == quantizer.settings():
         return {**json.loads(done.read_text()), "reused": True}
     t0 = time.perf_counter()
+    print(f"bluelm-v: memory: building the quantised checkpoint once (reused later): {directory}",
+          file=sys.stderr, flush=True)
     with torch.no_grad():
         model = build_meta_model(ctx.cfg, ctx.registry)
         init = RandomInit(int(ctx.cfg.get("seed", 0)))
-        quantizer.apply(model, materialize=init)
+        n_meta = sum(1 for m in model.modules()
+                     if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m.weight.is_meta)
+        with progress(total=n_meta, desc="memory: init + quantise", unit="layer") as bar:
+            def materialize(name, module):           # the quantizer calls this once per meta layer
+                init(name, module)
+                bar.update(1)
+            quantizer.apply(model, materialize=materialize)
         materialize_remaining(model, init)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
