@@ -77,17 +77,6 @@ def digests(engine, model, parts) -> dict:
     return {p: state_digest(_Holder(gathered_state(engine, getattr(model, p)))) for p in parts}
 
 
-def tied_duplicates(module) -> set[str]:
-    """Names in ``module.state_dict()`` that alias an earlier entry's storage (tied weights)."""
-    seen, dup = set(), set()
-    for k, v in module.state_dict(keep_vars=True).items():
-        key = (v.data_ptr(), v.storage_offset(), tuple(v.shape))
-        if v.numel() and key in seen:
-            dup.add(k)
-        seen.add(key)
-    return dup
-
-
 def deepspeed_config(config: dict, device) -> dict:
     import torch
 
@@ -311,7 +300,9 @@ def train_stage(config: dict) -> None:
     connector = {f"{p}.{k}": v for p in ("projector", "downsampler")
                  for k, v in gathered_state(engine, getattr(model, p)).items()}
     full = gathered_state(engine, model) if config.get("save_model") else None
-    tied = tied_duplicates(model)
+    from bluelm_v.checkpoint import tied_names
+
+    tied = tied_names(model)
 
     def export(path: Path) -> None:
         if rank != 0:
