@@ -76,9 +76,13 @@ def export_llm_gguf(hf_model, tokenizer, path) -> str:
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list(_vocab(tokenizer, cfg.vocab_size))
+    vocab = _vocab(tokenizer, cfg.vocab_size)
+    w.add_token_list(vocab)
     w.add_token_types([gguf.TokenType.NORMAL] * cfg.vocab_size)
-    w.add_token_merges([])
+    # llama.cpp refuses a gpt2 vocabulary without merges, and the writer drops an empty list. Prompts
+    # go in as ids, so one merge of two single-character tokens is enough to load.
+    chars = [t for t in vocab if len(t) == 1][:2]
+    w.add_token_merges([" ".join(chars)] if len(chars) == 2 else ["a b"])
     if tokenizer.eos_token_id is not None:
         w.add_eos_token_id(int(tokenizer.eos_token_id))
     state = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
