@@ -69,6 +69,18 @@ def test_default_inventory_small_grid_end_to_end(compose, ray_cluster, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["ok"] == 21
 
 
+def test_top_level_engine_runs_the_host_unless_the_device_names_its_own(compose, ray_cluster, tmp_path):
+    devices = [{"name": "host-top", "backend": {"name": "local_torch"}},
+               {"name": "host-own", "backend": {"name": "local_torch", "engine": "fast"}}]
+    cfg = config(compose, devices, "engine=hf", vary={})
+    with open_dict(cfg):
+        cfg.job.cases.base.decode_tokens = 2
+    summary = launch.run(cfg, tmp_path)
+    assert summary["status"] == "ok"
+    engines = {r["device"]: r["metrics"]["engine"] for r in records(tmp_path)}
+    assert engines == {"host-top": "hf", "host-own": "fast"}
+
+
 def test_rerun_in_the_same_directory_skips_finished_cases(compose, ray_cluster, tmp_path):
     devices = [{"name": "sim-b", "backend": "simulated_npu", "profile": "dimensity9300"}]   # flat form
     first = launch.run(config(compose, devices), tmp_path)

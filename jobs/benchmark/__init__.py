@@ -35,7 +35,7 @@ from bluelm_v.job import write_json
 
 # The top-level nodes this job reads (bluelm_v.launch refuses overrides of the others): the
 # model the host backends build; quantizers come from the cases, backends from job.devices.
-USES = ("tiler", "encoder", "downsampler", "projector", "llm")
+USES = ("tiler", "encoder", "downsampler", "projector", "llm", "engine")   # engine: local_torch devices
 OPEN_NODES = ("job.cases",)   # case fields are checked by cases.check_case
 
 PROTOCOL_KEYS = ("warmup", "trials", "max_spread", "extra_trials", "cool_down_s")

@@ -76,7 +76,10 @@ class LocalTorch:
             q = self.registry.create_from_config("quantizer", node, "case.quantizer")
             model = q.apply(model) or model
         self.model, self._variant, self._reference = model, _key(quantizer), {}
-        self.gen = Generator(model, engine=self.engine, registry=self.registry)
+        # The device's own `engine:` wins; left at auto, the run's top-level `engine=` applies.
+        top = self.cfg.get("engine")
+        engine = top if self.engine == "auto" and top is not None else self.engine
+        self.gen = Generator(model, engine=engine, registry=self.registry)
         self.load_s = time.perf_counter() - t0
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         torch.manual_seed(0)
