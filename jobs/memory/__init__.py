@@ -89,11 +89,12 @@ def build_checkpoint(ctx, directory: Path) -> dict:
         n_meta = sum(1 for m in model.modules()
                      if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m.weight.is_meta)
         with progress(total=n_meta, desc="memory: init + quantise", unit="layer") as bar:
-            def materialize(name, module):           # the quantizer calls this once per meta layer
+            def materialize(name, module):           # the quantizer calls this once per layer it quantises
                 init(name, module)
                 bar.update(1)
             quantizer.apply(model, materialize=materialize)
-        materialize_remaining(model, init)
+            materialize_remaining(model, init)       # the layers it leaves as they are
+            bar.update(n_meta - bar.n)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     files = quantizer.save(model, tmp)
